@@ -1,0 +1,1 @@
+"""SeqIO tasks of the GQA paper (importing this module registers them)."""
