@@ -1,0 +1,166 @@
+"""Grouped-query attention (GQA): H query heads share G key/value heads in contiguous groups.
+
+One module covers MHA (G = H), GQA-G and MQA (G = 1). Query head h reads key/value head
+h // (H / G). Keys and values are never repeated up to H heads: the H query heads are viewed as
+[G, H/G] and contracted against the G key/value heads directly.
+
+Shape legend (MaxText style): b batch, t query length, s key length, e embed, k kv heads (G),
+g query heads per kv head (H/G), d head dim.
+
+Cached keys and values are stored [b, k, d, s] (T5X's [batch, heads, head_dim, length], batch-major
+as T5X's beam search expects). With s last, each decode step is one [g, d] x [d, s] product per
+(batch, kv head) that streams the cache once; a [b, k, s, d] cache runs several times slower for
+GQA on CPU (see shared performance notes and the decode benchmark).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gqa_t5x import axes
+from gqa_t5x.layers import Kernel
+
+Array = jax.Array
+DType = Any
+
+# T5X's attention kernel init; the query kernel is further divided by sqrt(head_dim) (T5 does not
+# scale logits at run time).
+attention_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+NEG_INF = -1e10
+
+
+def check_kv_heads(num_heads: int, num_kv_heads: int, what: str = 'num_kv_heads') -> None:
+  """Raises ValueError unless G divides H, listing the G that would be accepted."""
+  if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+    valid = ', '.join(str(g) for g in range(1, num_heads + 1) if num_heads % g == 0)
+    raise ValueError(f'{what}={num_kv_heads} must divide num_heads={num_heads}; '
+                     f'valid values: {valid}')
+
+
+def grouped_attention(query: Array, keys: Array, values: Array, bias: Array | None,
+                      dtype: DType, float32_logits: bool = False,
+                      dropout: nn.Module | None = None, deterministic: bool = True) -> Array:
+  """Softmax(q k^T + bias) v for grouped heads.
+
+  query [b, t, k, g, d]; keys, values [b, k, d, s]; bias broadcastable to [b, k, g, t, s].
+  Returns [b, t, k, g, d].
+  """
+  if float32_logits:
+    query, keys = query.astype(jnp.float32), keys.astype(jnp.float32)
+  logits = jnp.einsum('btkgd,bkds->bkgts', query, keys)
+  if bias is not None:
+    logits = logits + bias.astype(logits.dtype)
+  probs = jax.nn.softmax(logits.astype(jnp.float32)).astype(dtype)
+  if dropout is not None:
+    probs = dropout(probs, deterministic=deterministic)
+  return jnp.einsum('bkgts,bkds->btkgd', probs, values.astype(dtype))
+
+
+def mask_to_bias(mask: Array | None, bias: Array | None, num_kv_heads: int) -> Array | None:
+  """Combines a T5X mask [b, 1, t, s] (1 = attend) and bias [b|1, h, t, s] into [b, k, g, t, s]."""
+  combined = None
+  if mask is not None:
+    combined = jnp.where(mask > 0, 0.0, NEG_INF)[:, :, None]  # [b, 1, 1, t, s]
+  if bias is not None:
+    b, h, t, s = bias.shape
+    grouped = bias.reshape(b, num_kv_heads, h // num_kv_heads, t, s)
+    combined = grouped if combined is None else combined + grouped
+  return combined
+
+
+class GroupedQueryAttention(nn.Module):
+  """Multi-head attention with `num_kv_heads` key/value heads and T5X's parameter layout.
+
+  Parameters (T5X paths): query/kernel [e, H*d], key/kernel and value/kernel [e, G*d],
+  out/kernel [H*d, e]; column = head * d + dim.
+
+  With decode=True the module keeps a 'cache' collection:
+  - self-attention: cached_key/cached_value [b, G, d, max_len] filled one position per call;
+  - cross-attention: cached_key/cached_value [b, G, d, enc_len] projected from the encoder output
+    at the first decode step only (cache_index 0 -> 1), then reused.
+  The first decode=True call (cache creation, e.g. `mutable=['cache']` on full-length inputs)
+  only creates the cache and runs the ordinary computation.
+  """
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int = 64
+  cross_attention: bool = False
+  dtype: DType = jnp.float32
+  dropout_rate: float = 0.0
+  float32_logits: bool = False
+
+  def __post_init__(self):
+    check_kv_heads(self.num_heads, self.num_kv_heads)
+    super().__post_init__()
+
+  @property
+  def queries_per_kv_head(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None,
+               bias: Array | None = None, *, deterministic: bool = True,
+               decode: bool = False) -> Array:
+    """inputs_q [b, t, e], inputs_kv [b, s, e], mask [b, 1, t, s], bias [b|1, H, t, s] -> [b, t, e]."""
+    embed = inputs_q.shape[-1]
+    h, k, g, d = self.num_heads, self.num_kv_heads, self.queries_per_kv_head, self.head_dim
+    if inputs_kv.shape[-1] != embed:
+      raise ValueError(f'inputs_q and inputs_kv must share the embed dimension; got '
+                       f'{inputs_q.shape} and {inputs_kv.shape}')
+    depth_scaled_init = lambda *a: attention_kernel_init(*a) / jnp.sqrt(d).astype(jnp.float32)
+    wq = Kernel((embed, h * d), (axes.EMBED, axes.JOINED_KV), depth_scaled_init, name='query')()
+    wk = Kernel((embed, k * d), (axes.EMBED, axes.JOINED_KV_HEADS), attention_kernel_init,
+                name='key')()
+    wv = Kernel((embed, k * d), (axes.EMBED, axes.JOINED_KV_HEADS), attention_kernel_init,
+                name='value')()
+    wo = Kernel((h * d, embed), (axes.JOINED_KV, axes.EMBED), attention_kernel_init, name='out')()
+    wq, wk, wv, wo = (w.astype(self.dtype) for w in (wq, wk, wv, wo))
+
+    def project_kv(x):  # [b, s, e] -> keys, values [b, k, d, s]
+      x = x.astype(self.dtype)
+      keys = jnp.einsum('bse,ekd->bkds', x, wk.reshape(embed, k, d))
+      values = jnp.einsum('bse,ekd->bkds', x, wv.reshape(embed, k, d))
+      constraint = (axes.BATCH, axes.KV_HEADS, axes.KV, axes.LENGTH)
+      return (nn.with_logical_constraint(keys, constraint),
+              nn.with_logical_constraint(values, constraint))
+
+    query = jnp.einsum('bte,ekgd->btkgd', inputs_q.astype(self.dtype), wq.reshape(embed, k, g, d))
+    query = nn.with_logical_constraint(
+        query, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.HEADS, axes.KV))
+
+    cache_ready = decode and self.has_variable('cache', 'cached_key')
+    if decode:
+      kv_shape = (inputs_kv.shape[0], k, d, inputs_kv.shape[1])  # [b, k, d, s]
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, kv_shape, self.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros, kv_shape, self.dtype)
+      cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+
+    if not cache_ready:
+      keys, values = project_kv(inputs_kv)
+    elif self.cross_attention:
+      keys, values = jax.lax.cond(
+          cache_index.value == 0, lambda: project_kv(inputs_kv),
+          lambda: (cached_key.value, cached_value.value))
+      cached_key.value, cached_value.value = keys, values
+      cache_index.value = jnp.array(1, jnp.int32)
+    else:
+      if inputs_q.shape[1] != 1:
+        raise ValueError(f'Cached self-attention decodes one position per call; got inputs of '
+                         f'length {inputs_q.shape[1]}.')
+      new_key, new_value = project_kv(inputs_kv)  # [b, k, d, 1]
+      position = cache_index.value
+      at = (0, 0, 0, position)
+      keys = jax.lax.dynamic_update_slice(cached_key.value, new_key.astype(self.dtype), at)
+      values = jax.lax.dynamic_update_slice(cached_value.value, new_value.astype(self.dtype), at)
+      cached_key.value, cached_value.value = keys, values
+      cache_index.value = position + 1
+      max_length = keys.shape[-1]
+      causal = (jnp.arange(max_length) <= position)[None, None, None, :]  # [1, 1, 1, s]
+      mask = causal if mask is None else mask * causal
+
+    bias = mask_to_bias(mask, bias, k)
+    dropout = nn.Dropout(self.dropout_rate) if self.dropout_rate > 0 else None
+    out = grouped_attention(query, keys, values, bias, self.dtype, self.float32_logits, dropout,
+                            deterministic)
+    return jnp.einsum('btkgd,kgde->bte', out, wo.reshape(k, g, d, embed))

@@ -1,0 +1,245 @@
+"""T5.1.1 encoder-decoder with grouped-query attention, honouring T5X's module contract.
+
+Drop-in for t5x/examples/t5/network.py under `t5x.models.EncoderDecoderModel`: same methods
+(`__call__`, `encode`, `decode`), argument names and, for an MHA config, the same parameter tree.
+GQA changes only the key/value kernel widths (G * head_dim) and the decode cache (G heads).
+"""
+from typing import Any, Sequence
+
+from flax import linen as nn
+from flax import struct
+import jax
+import jax.numpy as jnp
+
+from gqa_t5x.attention import GroupedQueryAttention, check_kv_heads
+from gqa_t5x.layers import Embed, Kernel, MlpBlock, RelativePositionBias, RMSNorm
+from gqa_t5x import axes
+
+Array = jax.Array
+
+
+@struct.dataclass
+class T5Config:
+  """Hyper-parameters of the network (T5X's T5Config plus one kv-head count per attention kind).
+
+  A kv-head count of None means MHA (= num_heads). The paper converts decoder self- and
+  cross-attention and keeps the encoder MHA.
+  """
+  vocab_size: int
+  dtype: Any = jnp.float32
+  emb_dim: int = 512
+  num_heads: int = 8
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  head_dim: int = 64
+  mlp_dim: int = 2048
+  mlp_activations: Sequence[str] = ('gelu', 'linear')
+  dropout_rate: float = 0.1
+  logits_via_embedding: bool = False
+  float32_attention_logits: bool = False
+  num_encoder_kv_heads: int | None = None
+  num_decoder_self_kv_heads: int | None = None
+  num_decoder_cross_kv_heads: int | None = None
+  num_relpos_buckets: int = 32
+  relpos_max_distance: int = 128
+
+  def __post_init__(self):
+    for field in ('num_encoder_kv_heads', 'num_decoder_self_kv_heads',
+                  'num_decoder_cross_kv_heads'):
+      check_kv_heads(self.num_heads, getattr(self, field) or self.num_heads, f'T5Config.{field}')
+
+  @property
+  def encoder_kv_heads(self) -> int:
+    return self.num_encoder_kv_heads or self.num_heads
+
+  @property
+  def decoder_self_kv_heads(self) -> int:
+    return self.num_decoder_self_kv_heads or self.num_heads
+
+  @property
+  def decoder_cross_kv_heads(self) -> int:
+    return self.num_decoder_cross_kv_heads or self.num_heads
+
+  @property
+  def kv_head_counts(self) -> tuple[int, int, int]:
+    return self.encoder_kv_heads, self.decoder_self_kv_heads, self.decoder_cross_kv_heads
+
+
+def make_attention_mask(query_input: Array, key_input: Array, pairwise_fn=jnp.multiply) -> Array:
+  """[b, t] and [b, s] -> mask [b, 1, t, s] (1 = attend)."""
+  mask = pairwise_fn(query_input[:, :, None], key_input[:, None, :])
+  return mask[:, None].astype(jnp.float32)
+
+
+def make_decoder_mask(decoder_target_tokens: Array, decoder_segment_ids: Array | None) -> Array:
+  """Causal, non-padding and (for packed examples) same-segment mask [b, 1, t, t]."""
+  length = decoder_target_tokens.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), jnp.float32))[None, None]
+  mask = make_attention_mask(decoder_target_tokens > 0, decoder_target_tokens > 0) * causal
+  if decoder_segment_ids is not None:
+    mask = mask * make_attention_mask(decoder_segment_ids, decoder_segment_ids, jnp.equal)
+  return mask
+
+
+class EncoderLayer(nn.Module):
+  """Pre-norm self-attention and gated MLP, each with a residual connection."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, bias: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    y = RMSNorm(dtype=cfg.dtype, name='pre_attention_layer_norm')(x)
+    y = GroupedQueryAttention(
+        cfg.num_heads, cfg.encoder_kv_heads, cfg.head_dim, dtype=cfg.dtype,
+        dropout_rate=cfg.dropout_rate, float32_logits=cfg.float32_attention_logits,
+        name='attention')(y, y, mask, bias, deterministic=deterministic)
+    x = x + dropout(y, deterministic)
+    y = RMSNorm(dtype=cfg.dtype, name='pre_mlp_layer_norm')(x)
+    y = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype,
+                 name='mlp')(y, deterministic)
+    return x + dropout(y, deterministic)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm self-attention (GQA), cross-attention (GQA) and gated MLP."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, y: Array, encoded: Array, self_mask: Array | None, self_bias: Array,
+               cross_mask: Array, deterministic: bool, decode: bool) -> Array:
+    cfg = self.config
+    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    attention = lambda kv_heads, cross, name: GroupedQueryAttention(
+        cfg.num_heads, kv_heads, cfg.head_dim, cross_attention=cross, dtype=cfg.dtype,
+        dropout_rate=cfg.dropout_rate, float32_logits=cfg.float32_attention_logits, name=name)
+    z = RMSNorm(dtype=cfg.dtype, name='pre_self_attention_layer_norm')(y)
+    z = attention(cfg.decoder_self_kv_heads, False, 'self_attention')(
+        z, z, self_mask, self_bias, deterministic=deterministic, decode=decode)
+    y = y + dropout(z, deterministic)
+    z = RMSNorm(dtype=cfg.dtype, name='pre_cross_attention_layer_norm')(y)
+    z = attention(cfg.decoder_cross_kv_heads, True, 'encoder_decoder_attention')(
+        z, encoded, cross_mask, deterministic=deterministic, decode=decode)
+    y = y + dropout(z, deterministic)
+    z = RMSNorm(dtype=cfg.dtype, name='pre_mlp_layer_norm')(y)
+    z = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype,
+                 name='mlp')(z, deterministic)
+    return y + dropout(z, deterministic)
+
+
+class Encoder(nn.Module):
+  """Embedding, a stack of EncoderLayers sharing one relative position bias, final norm."""
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, tokens: Array, mask: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    length = tokens.shape[-1]
+    positions = jnp.arange(length)
+    bias = RelativePositionBias(cfg.num_heads, True, cfg.num_relpos_buckets,
+                                cfg.relpos_max_distance, cfg.dtype,
+                                name='relpos_bias')(positions, positions)
+    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    x = dropout(self.shared_embedding(tokens), deterministic)
+    for i in range(cfg.num_encoder_layers):
+      x = EncoderLayer(cfg, name=f'layers_{i}')(x, mask, bias, deterministic)
+    x = RMSNorm(dtype=cfg.dtype, name='encoder_norm')(x)
+    return nn.Dropout(cfg.dropout_rate)(x, deterministic)
+
+
+class Decoder(nn.Module):
+  """Embedding, DecoderLayers sharing one causal relative position bias, norm and logits.
+
+  In decode mode the decoder keeps its own `cache_index` (the position being decoded), so the
+  relative position bias is computed for that one query row, not for a [max_len, max_len] grid.
+  """
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, encoded: Array, tokens: Array, self_mask: Array | None, cross_mask: Array,
+               deterministic: bool, decode: bool, max_decode_length: int | None) -> Array:
+    cfg = self.config
+    relpos = RelativePositionBias(cfg.num_heads, False, cfg.num_relpos_buckets,
+                                  cfg.relpos_max_distance, cfg.dtype, name='relpos_bias')
+    cache_ready = decode and self.has_variable('cache', 'cache_index')
+    if decode:
+      index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+    if cache_ready:
+      if max_decode_length is None:
+        raise ValueError('Decoder.decode with decode=True needs max_decode_length (the length '
+                         'the cache was created with).')
+      self_bias = relpos(index.value[None], jnp.arange(max_decode_length))  # [1, h, 1, L]
+      index.value = index.value + 1
+    else:
+      positions = jnp.arange(tokens.shape[-1])
+      self_bias = relpos(positions, positions)  # [1, h, t, t]
+
+    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    y = dropout(self.shared_embedding(tokens), deterministic)
+    for i in range(cfg.num_decoder_layers):
+      y = DecoderLayer(cfg, name=f'layers_{i}')(y, encoded, self_mask, self_bias, cross_mask,
+                                                deterministic, decode)
+    y = RMSNorm(dtype=cfg.dtype, name='decoder_norm')(y)
+    y = dropout(y, deterministic)
+    if cfg.logits_via_embedding:
+      embedding = self.shared_embedding.variables['params']['embedding']
+      return jnp.einsum('bte,ve->btv', y.astype(jnp.float32), embedding) / jnp.sqrt(y.shape[-1])
+    # float32 logits for stability, as T5X.
+    kernel = Kernel((cfg.emb_dim, cfg.vocab_size), (axes.EMBED, axes.VOCAB), name='logits_dense')()
+    return jnp.einsum('bte,ev->btv', y.astype(jnp.float32), kernel)
+
+
+class Transformer(nn.Module):
+  """The encoder-decoder model: `t5x.models.EncoderDecoderModel`'s `module`."""
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.shared_embedding = Embed(cfg.vocab_size, cfg.emb_dim, cfg.dtype, name='token_embedder')
+    self.encoder = Encoder(cfg, self.shared_embedding)
+    self.decoder = Decoder(cfg, self.shared_embedding)
+
+  def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
+             enable_dropout: bool = True) -> Array:
+    """[b, s] tokens -> [b, s, e] encoded (padding id 0 is masked)."""
+    mask = make_attention_mask(encoder_input_tokens > 0, encoder_input_tokens > 0)
+    if encoder_segment_ids is not None:
+      mask = mask * make_attention_mask(encoder_segment_ids, encoder_segment_ids, jnp.equal)
+    return self.encoder(encoder_input_tokens, mask, deterministic=not enable_dropout)
+
+  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+             decoder_target_tokens: Array, encoder_segment_ids: Array | None = None,
+             decoder_segment_ids: Array | None = None, decoder_positions: Array | None = None,
+             enable_dropout: bool = True, decode: bool = False,
+             max_decode_length: int | None = None) -> Array:
+    """Decoder logits [b, t, vocab]; with decode=True, one cached step ([b, 1] -> [b, 1, vocab])."""
+    del decoder_positions  # relative positions come from token order, as in T5X's T5.1.1.
+    if decode:
+      if encoder_segment_ids is not None:
+        raise ValueError('Packed inputs (encoder_segment_ids) cannot be used with decode=True.')
+      self_mask = None  # the self-attention cache masks positions not yet decoded
+      cross_mask = make_attention_mask(jnp.ones_like(decoder_target_tokens),
+                                       encoder_input_tokens > 0)
+    else:
+      self_mask = make_decoder_mask(decoder_target_tokens, decoder_segment_ids)
+      cross_mask = make_attention_mask(decoder_target_tokens > 0, encoder_input_tokens > 0)
+      if encoder_segment_ids is not None:
+        cross_mask = cross_mask * make_attention_mask(decoder_segment_ids, encoder_segment_ids,
+                                                      jnp.equal)
+    return self.decoder(encoded, decoder_input_tokens, self_mask, cross_mask,
+                        deterministic=not enable_dropout, decode=decode,
+                        max_decode_length=max_decode_length)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Array, encoder_segment_ids: Array | None = None,
+               decoder_segment_ids: Array | None = None, encoder_positions: Array | None = None,
+               decoder_positions: Array | None = None, *, enable_dropout: bool = True,
+               decode: bool = False) -> Array:
+    """Teacher-forced logits [b, t, vocab] (decode=True with mutable=['cache'] creates the cache)."""
+    del encoder_positions  # see decode()
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+                       encoder_segment_ids, decoder_segment_ids, decoder_positions,
+                       enable_dropout=enable_dropout, decode=decode)
