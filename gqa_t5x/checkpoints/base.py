@@ -1,0 +1,43 @@
+"""What every checkpoint format hands to the converter: tensors that are read only when needed.
+
+Keeping tensors lazy is what lets an 11B-parameter checkpoint convert with about one tensor in
+memory: shapes and dtypes are known (and validated) before any data is read.
+"""
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+
+class CheckpointError(ValueError):
+  """A user-facing problem with a checkpoint or a request; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+  """An array's shape and dtype, and a function that reads (or computes) its values."""
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  read: Callable[[], np.ndarray]
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+  @property
+  def nbytes(self) -> int:
+    return self.size * np.dtype(self.dtype).itemsize
+
+  @classmethod
+  def of(cls, array: np.ndarray) -> 'LazyTensor':
+    array = np.asarray(array)
+    return cls(array.shape, array.dtype, lambda: array)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """A T5X checkpoint's parameters (flat 'encoder/layers_0/...' names, no 'target/') and step."""
+  path: str
+  format: str
+  params: dict[str, LazyTensor]
+  step: np.ndarray

@@ -1,0 +1,110 @@
+"""Reads and writes T5X's Orbax checkpoints, one tensor at a time.
+
+T5X (and this project's runner) keep a checkpoint as `checkpoint_N/state/`, an Orbax PyTree
+(OCDBT) of {'target': params, 'state': {'step', 'param_states'}}. Orbax saves a tree in one
+call; to keep peak memory at about one tensor, the leaves handed to it are `LazyTensor`s and a
+small TypeHandler reads, writes and drops them one after another. That handler records each
+leaf as 'np.ndarray', so the result restores with stock Orbax and T5X, no custom code.
+"""
+import asyncio
+import os
+from typing import Callable
+
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from gqa_t5x.checkpoints.base import Checkpoint, CheckpointError, LazyTensor
+
+STATE_DIR = 'state'
+_METADATA_FILE = '_METADATA'  # Orbax's PyTree metadata file.
+
+
+def tree_dir(path: epath.Path) -> epath.Path | None:
+  """The Orbax PyTree directory of a T5X checkpoint (`path/state`) or of a bare PyTree."""
+  for candidate in (path / STATE_DIR, path):
+    if (candidate / _METADATA_FILE).is_file():
+      return candidate
+  return None
+
+
+def read(path: epath.Path) -> Checkpoint:
+  """Returns the parameters and step; every array is restored only on `LazyTensor.read`."""
+  directory = tree_dir(path)
+  metadata = ocp.PyTreeCheckpointHandler().metadata(directory).tree
+  if 'target' not in metadata:
+    raise CheckpointError(f"the Orbax checkpoint {directory} has no 'target' parameter tree "
+                          f"(top-level keys: {sorted(metadata)}); expected T5X's layout")
+  params = {name: LazyTensor(tuple(meta.shape), np.dtype(meta.dtype),
+                             _leaf_reader(directory, ('target',) + tuple(name.split('/'))))
+            for name, meta in _flatten(metadata['target'])}
+  step_meta = metadata.get('state', {}).get('step')
+  step = _leaf_reader(directory, ('state', 'step'))() if step_meta is not None else 0
+  return Checkpoint(os.fspath(path), 'Orbax (T5X state/ PyTree)', params, np.asarray(step))
+
+
+def _flatten(tree, prefix=''):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, f'{prefix}{key}/')
+    elif value is not None:
+      yield f'{prefix}{key}', value
+
+
+def _leaf_reader(directory: epath.Path, keys: tuple[str, ...]) -> Callable[[], np.ndarray]:
+  """Restores one leaf (Orbax partial restore), as a numpy array on the host."""
+  def nest(leaf):
+    for key in reversed(keys):
+      leaf = {key: leaf}
+    return leaf
+
+  def read_leaf() -> np.ndarray:
+    restored = ocp.PyTreeCheckpointHandler().restore(directory, args=ocp.args.PyTreeRestore(
+        item=nest(0), restore_args=nest(ocp.RestoreArgs(restore_type=np.ndarray)),
+        partial_restore=True))
+    for key in keys:
+      restored = restored[key]
+    return np.asarray(restored)
+  return read_leaf
+
+
+class _StreamingHandler(ocp.type_handlers.NumpyHandler):
+  """Saves LazyTensor leaves sequentially: read, write, drop, call `on_written`."""
+
+  def __init__(self, on_written: Callable[[str, int], None]):
+    super().__init__(deepcopy_host_arrays=False)
+    self._on_written = on_written
+
+  async def serialize(self, values, infos, args=None):
+    args = args or [ocp.SaveArgs()] * len(values)
+    return [ocp.future.CommitFutureAwaitingContractedSignals(
+        self._stream(values, infos, args), name='gqa_t5x_streaming_save')]
+
+  async def _stream(self, values, infos, args):
+    for value, info, arg in zip(values, infos, args):
+      array = await asyncio.to_thread(value.read)
+      if array.shape != value.shape or array.dtype != value.dtype:
+        raise CheckpointError(f'{info.name}: read {array.dtype}{list(array.shape)}, '
+                              f'expected {value.dtype}{list(value.shape)}')
+      await self._background_serialize([array], [info], [arg])
+      self._on_written(info.name, array.nbytes)
+      del array
+
+
+def write(directory: epath.Path, params: dict[str, LazyTensor], step: np.ndarray,
+          on_written: Callable[[str, int], None] = lambda name, nbytes: None) -> None:
+  """Creates `directory` with state/ in T5X's layout: target/<params> and state/step (no optimizer)."""
+  tree = {'target': {}, 'state': {'step': LazyTensor.of(step)}}
+  for name, tensor in params.items():
+    node = tree['target']
+    *parents, leaf = name.split('/')
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = tensor
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (LazyTensor, _StreamingHandler(on_written)))
+  # A Composite with one item is what T5X's CheckpointManager writes for a step.
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+      **{STATE_DIR: ocp.PyTreeCheckpointHandler(type_handler_registry=registry)}))
+  checkpointer.save(directory, args=ocp.args.Composite(
+      **{STATE_DIR: ocp.args.PyTreeSave(tree)}))
