@@ -1,0 +1,39 @@
+"""A TFDS source that reads prepared data only, and says how to prepare what is missing.
+
+seqio.TfdsDataSource calls `tfds.load(download=True)`: without network access a missing
+dataset then hangs for minutes in download retries. This source never downloads; a missing
+dataset fails at once with the dataset, the data directory looked in and the command that
+prepares it.
+"""
+from typing import Optional
+
+import seqio
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+  """The TFDS dataset has not been prepared in the data directory."""
+
+
+class PreparedTfdsDataSource(seqio.TfdsDataSource):
+  """seqio.TfdsDataSource in read-only mode, with an actionable error for missing data.
+
+  `how_to_prepare` tells how to build the dataset into `{data_dir}`, for datasets that plain
+  `tfds build` cannot fetch by itself.
+  """
+
+  def __init__(self, tfds_name: str, how_to_prepare: Optional[str] = None, **kwargs):
+    super().__init__(tfds_name=tfds_name, read_only=True, **kwargs)
+    self._how_to_prepare = how_to_prepare or f"run `tfds build {tfds_name} --data_dir={{data_dir}}`"
+
+  def get_dataset(self, split: Optional[str] = None, *args, **kwargs):
+    try:
+      return super().get_dataset(split, *args, **kwargs)
+    except AssertionError as e:  # TFDS's "could not find data in <data_dir>"
+      builder = self.tfds_dataset.builder
+      raise DatasetNotPreparedError(
+          f"TFDS dataset {self.tfds_dataset.name} is not prepared in the TFDS data directory "
+          f"{builder.data_dir_root} (looked for {builder.data_dir}). To prepare it, on a "
+          f"machine with network access "
+          f"{self._how_to_prepare.format(data_dir=builder.data_dir_root)}, and copy the data "
+          "directory here; or point TFDS_DATA_DIR (or seqio.set_tfds_data_dir_override) at a "
+          "directory that has it.") from e
