@@ -1,0 +1,196 @@
+r"""Turns an MHA T5 checkpoint into a GQA checkpoint by pooling key/value heads (GQA paper, §2.1).
+
+  gqa-t5x-convert --input=gs://t5-data/pretrained_models/t5x/t5_1_1_large/checkpoint_1000000 \
+      --output=/ckpts/gqa8_large/checkpoint_1000000 --num_kv_heads=8
+
+Reads T5X legacy (msgpack + tensorstore) or Orbax checkpoints from any path tensorstore/epath
+can open; writes an Orbax checkpoint in T5X's layout (state/ = target/... + state/step, no
+optimizer state) plus gqa_conversion.json. Streams one tensor at a time. Exit status 2, with a
+one-line reason and nothing written, for any input or request that cannot be converted.
+"""
+import json
+import os
+import sys
+import time
+import uuid
+
+from absl import app
+from absl import flags
+from etils import epath
+
+from gqa_t5x.checkpoints import legacy_format, orbax_format, plan, pooling
+from gqa_t5x.checkpoints.base import Checkpoint, CheckpointError
+
+RECORD_FILE = 'gqa_conversion.json'
+_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        'gin_configs')
+
+_INPUT = flags.DEFINE_string('input', None, 'MHA checkpoint directory (checkpoint_<step>).')
+_OUTPUT = flags.DEFINE_string('output', None, 'Directory to create, e.g. .../checkpoint_<step>.')
+_METHOD = flags.DEFINE_enum('method', 'mean', pooling.METHODS,
+                            'How a group of kv heads becomes one: the paper uses mean.')
+_KV_HEADS = flags.DEFINE_integer(
+    'num_kv_heads', None, 'G for decoder self- and cross-attention (the paper\'s conversion).')
+_PER_KIND = {kind: flags.DEFINE_integer(f'num_{kind}_kv_heads', None,
+                                        f'G for {kind} attention only (overrides the above).')
+             for kind in plan.KIND_NAMES}
+_HEAD_DIM = flags.DEFINE_integer('head_dim', None, 'Head dimension (default 64, T5.1.1).')
+_GIN_FILES = flags.DEFINE_multi_string(
+    'gin_file', [], 'Model gin(s) binding network.T5Config: head_dim and kv heads come from it.')
+_GIN_BINDINGS = flags.DEFINE_multi_string('gin_bindings', [], 'Extra gin bindings.')
+_GIN_SEARCH_PATHS = flags.DEFINE_list('gin_search_paths', [_GIN_DIR], 'Where gin includes live.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of --method=random.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace --output if it exists.')
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+  """Reads a T5X legacy or Orbax checkpoint's metadata (no arrays yet)."""
+  directory = epath.Path(path)
+  if not directory.exists():
+    raise CheckpointError(f'input {path} does not exist')
+  if legacy_format.is_legacy(directory):
+    return legacy_format.read(directory)
+  if orbax_format.tree_dir(directory) is not None:
+    return orbax_format.read(directory)
+  raise CheckpointError(
+      f'unrecognised checkpoint format at {path}: expected a T5X checkpoint_<step> directory '
+      f"holding 'checkpoint' (legacy msgpack) or 'state/_METADATA' (Orbax)")
+
+
+def convert(input_path: str, output_path: str, kv_heads: dict[str, int], *, head_dim: int = 64,
+            method: str = 'mean', seed: int = 0, num_heads: int | None = None,
+            overwrite: bool = False, progress=None) -> dict:
+  """Converts and returns the record that is also written to output/gqa_conversion.json."""
+  output = epath.Path(output_path)
+  _check_output(epath.Path(input_path), output, overwrite)
+  checkpoint = open_checkpoint(input_path)
+  params, facts = plan.plan(checkpoint.params, kv_heads, head_dim=head_dim, method=method,
+                            seed=seed, num_heads=num_heads)
+  record = {'source': checkpoint.path, 'source_format': checkpoint.format,
+            'output': os.fspath(output), 'step': int(checkpoint.step), **facts}
+  progress = progress or Progress(len(params) + 1, sum(t.nbytes for t in params.values()))
+
+  def write(directory: epath.Path):
+    orbax_format.write(directory, params, checkpoint.step, progress.update)
+    (directory / RECORD_FILE).write_text(json.dumps(record, indent=2) + '\n')
+  _write_atomically(output, overwrite, write)
+  return record
+
+
+def _check_output(input_dir: epath.Path, output: epath.Path, overwrite: bool) -> None:
+  if output.exists() and not overwrite:
+    raise CheckpointError(f'output {output} exists; pass --overwrite to replace it')
+  source, target = (os.path.abspath(os.fspath(p)) if '://' not in os.fspath(p) else os.fspath(p)
+                    for p in (input_dir, output))
+  if target == source or target.startswith(source.rstrip('/') + '/') or (
+      source.startswith(target.rstrip('/') + '/')):
+    raise CheckpointError(f'output {output} must not be, contain or lie inside the input')
+
+
+def _write_atomically(output: epath.Path, overwrite: bool, write) -> None:
+  """Writes into a hidden sibling and renames it into place only when complete.
+
+  A crash or Ctrl-C leaves at most a `.<name>.gqa-tmp-*` directory, never a `checkpoint_<step>`
+  that looks finished; it is removed on the way out when Python gets the chance.
+  """
+  output.parent.mkdir(parents=True, exist_ok=True)
+  tag = uuid.uuid4().hex[:8]
+  temp = output.parent / f'.{output.name}.gqa-tmp-{tag}'
+  try:
+    write(temp)
+    if output.exists():  # Only reached with --overwrite.
+      old = output.parent / f'.{output.name}.gqa-old-{tag}'
+      output.rename(old)
+      temp.rename(output)
+      old.rmtree()
+    else:
+      temp.rename(output)
+  finally:
+    if temp.exists():
+      temp.rmtree()
+
+
+class Progress:
+  """Prints tensor i/N, bytes, MB/s and ETA to stderr, at most about once a second."""
+
+  def __init__(self, num_tensors: int, total_bytes: int, stream=sys.stderr):
+    self._n, self._total, self._stream = num_tensors, max(total_bytes, 1), stream
+    self._done = self._bytes = 0
+    self._start = self._last = time.monotonic()
+
+  def update(self, name: str, nbytes: int) -> None:
+    self._done += 1
+    self._bytes += nbytes
+    now = time.monotonic()
+    if now - self._last < 1 and self._done < self._n:
+      return
+    self._last = now
+    rate = self._bytes / max(now - self._start, 1e-9)
+    eta = (self._total - self._bytes) / max(rate, 1)
+    print(f'[{self._done}/{self._n}] {self._bytes / 1e6:.0f}/{self._total / 1e6:.0f} MB, '
+          f'{rate / 1e6:.0f} MB/s, ETA {eta:.0f}s  {name}', file=self._stream, flush=True)
+
+
+def _model_config():
+  """The T5Config of the --gin_file(s), or None (then only flags apply)."""
+  if not _GIN_FILES.value:
+    return None
+  import gin  # pylint: disable=g-import-not-at-top  (only needed with --gin_file)
+  from gqa_t5x import network  # pylint: disable=g-import-not-at-top
+  for path in _GIN_SEARCH_PATHS.value:
+    gin.add_config_file_search_path(path)
+  gin.parse_config_files_and_bindings(_GIN_FILES.value, _GIN_BINDINGS.value, skip_unknown=True)
+  try:
+    return gin.get_configurable(network.T5Config)()
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f'--gin_file does not configure network.T5Config fully: {e}') from e
+
+
+def _requested_kv_heads(config) -> dict[str, int]:
+  """G per attention kind: gin config first, then --num_kv_heads, then per-kind flags."""
+  kv_heads = {}
+  if config is not None:
+    kv_heads = {'encoder': config.encoder_kv_heads, 'decoder_self': config.decoder_self_kv_heads,
+                'decoder_cross': config.decoder_cross_kv_heads}
+  if _KV_HEADS.value is not None:
+    kv_heads.update(decoder_self=_KV_HEADS.value, decoder_cross=_KV_HEADS.value)
+  kv_heads.update({k: f.value for k, f in _PER_KIND.items() if f.value is not None})
+  if not kv_heads:
+    raise CheckpointError('no kv-head count requested: pass --num_kv_heads=G (decoder self- and '
+                          'cross-attention), --num_<kind>_kv_heads, or a --gin_file')
+  for kind, g in kv_heads.items():
+    if g < 1:
+      raise CheckpointError(f'kv heads for {kind} must be >= 1, got {g}')
+  return kv_heads
+
+
+def _run(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  for flag in (_INPUT, _OUTPUT):
+    if not flag.value:
+      raise CheckpointError(f'--{flag.name} is required')
+  config = _model_config()
+  head_dim = _HEAD_DIM.value or (config.head_dim if config else 64)
+  if config is not None and _HEAD_DIM.value and _HEAD_DIM.value != config.head_dim:
+    raise CheckpointError(f'--head_dim={_HEAD_DIM.value} contradicts the gin config\'s '
+                          f'head_dim {config.head_dim}')
+  record = convert(_INPUT.value, _OUTPUT.value, _requested_kv_heads(config), head_dim=head_dim,
+                   method=_METHOD.value, seed=_SEED.value, overwrite=_OVERWRITE.value,
+                   num_heads=config.num_heads if config else None)
+  print(json.dumps(record, indent=2))
+
+
+def main(argv=None) -> None:
+  """Console entry point: any CheckpointError becomes one line on stderr and exit status 2."""
+  def run(args):
+    try:
+      _run(args)
+    except CheckpointError as e:
+      print(f'gqa-t5x-convert: error: {e}', file=sys.stderr)
+      sys.exit(2)
+  app.run(run, argv=argv)
+
+
+if __name__ == '__main__':
+  main()
