@@ -1,0 +1,138 @@
+"""Orbax checkpoints in T5X's layout: MODEL_DIR/checkpoint_<step>/state/ holding
+{'target': params, 'state': {'step', 'param_states'}}.
+
+Saving is periodic, asynchronous, atomic (Orbax commits a step only once fully written) and
+keeps the newest N. Every restore first compares the stored shapes with the configured model,
+because Orbax can hand back the stored shape silently and the mismatch would surface much
+later (e.g. an MHA checkpoint loaded into a GQA model).
+"""
+import dataclasses
+import re
+from typing import Any, Optional
+
+from etils import epath
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gqa_t5x import errors
+
+PyTree = Any
+ITEM = 'state'  # T5X's Orbax checkpoints keep the tree in checkpoint_<step>/state/
+DATASET_ITEM = 'dataset'  # {'position': batches consumed}: where a resumed run's data continues
+STEP_PREFIX = 'checkpoint'
+CONVERT_HINT = ('convert it first with gqa-t5x-convert (which mean-pools key/value heads into '
+                'the configured kv-head count), or configure the model it was saved from')
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """save_period: steps between checkpoints; keep: how many to keep (None: all)."""
+  save_period: int = 1000
+  keep: Optional[int] = None
+  asynchronous: bool = True
+
+
+def manager(model_dir: str, cfg: CheckpointConfig) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      epath.Path(model_dir),
+      options=ocp.CheckpointManagerOptions(
+          save_interval_steps=cfg.save_period, max_to_keep=cfg.keep, step_prefix=STEP_PREFIX,
+          enable_async_checkpointing=cfg.asynchronous, create=True),
+      item_names=(ITEM, DATASET_ITEM))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, tree: PyTree, data_position: int,
+         force: bool = False) -> bool:
+  """Starts saving `tree` at `step` if the period says so (or force); returns whether it did."""
+  return mngr.save(step, force=force, args=ocp.args.Composite(**{
+      ITEM: ocp.args.StandardSave(tree),
+      DATASET_ITEM: ocp.args.JsonSave({'position': int(data_position)})}))
+
+
+def restore_latest(mngr: ocp.CheckpointManager,
+                   abstract_tree: PyTree) -> Optional[tuple[PyTree, int]]:
+  """(tree, data position) of the newest run checkpoint, in abstract_tree's shardings; or None."""
+  step = mngr.latest_step()
+  if step is None:
+    return None
+  directory = mngr.directory / f'{STEP_PREFIX}_{step}' / ITEM
+  check_shapes(stored_shapes(directory), abstract_tree, directory)
+  restored = mngr.restore(step, args=ocp.args.Composite(**{
+      ITEM: ocp.args.StandardRestore(abstract_tree), DATASET_ITEM: ocp.args.JsonRestore()}))
+  return restored[ITEM], restored[DATASET_ITEM]['position']
+
+
+def resolve(path: str, what: str) -> epath.Path:
+  """checkpoint_<step>/ (or its state/ item) -> the Orbax item directory; clear error if absent."""
+  directory = epath.Path(path)
+  if (directory / ITEM / '_METADATA').exists():
+    return directory / ITEM
+  if (directory / '_METADATA').exists():
+    return directory
+  raise errors.ConfigError(
+      f'{what}={path!r} is not an Orbax checkpoint (no {ITEM}/_METADATA inside): pass a '
+      f'checkpoint_<step> directory written by a training run or by gqa-t5x-convert.')
+
+
+def list_checkpoints(path: str) -> list[str]:
+  """A checkpoint_<step> directory -> [it]; a model dir -> its checkpoint_<step> dirs by step."""
+  directory = epath.Path(path)
+  if not directory.exists():
+    raise errors.ConfigError(f'CHECKPOINT_PATH={path!r} does not exist: pass a checkpoint_<step> '
+                            'directory or a MODEL_DIR that holds some.')
+  if (directory / ITEM).exists() or (directory / '_METADATA').exists():
+    return [str(directory)]
+  steps = sorted(int(m.group(1)) for p in directory.iterdir()
+                 if (m := re.fullmatch(rf'{STEP_PREFIX}_(\d+)', p.name)) and (p / ITEM).exists())
+  if not steps:
+    raise errors.ConfigError(f'CHECKPOINT_PATH={path!r} holds no {STEP_PREFIX}_<step>/ checkpoints.')
+  return [str(directory / f'{STEP_PREFIX}_{s}') for s in steps]
+
+
+def stored_shapes(directory: epath.Path) -> dict[str, tuple]:
+  """'target/encoder/.../kernel' -> shape, for every array stored in an Orbax item."""
+  tree = ocp.PyTreeCheckpointer().metadata(directory).item_metadata.tree
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))[0]
+  return {_name(path): tuple(leaf.shape) for path, leaf in flat if hasattr(leaf, 'shape')}
+
+
+def check_shapes(stored: dict[str, tuple], abstract_tree: PyTree, directory) -> None:
+  """Raises naming the first parameter that is missing or shaped differently from the model."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]:
+    name = _name(path)
+    if name not in stored:
+      raise errors.ConfigError(f'Checkpoint {directory} has no parameter {name}: it was written for a '
+                       f'different model; {CONVERT_HINT}.')
+    if stored[name] != tuple(leaf.shape):
+      raise errors.ConfigError(f'Checkpoint {directory} stores {name} with shape {stored[name]} but the '
+                       f'configured model expects {tuple(leaf.shape)}: {CONVERT_HINT}.')
+
+
+def load_params(path: str, abstract_params: PyTree, what: str) -> tuple[PyTree, Optional[int]]:
+  """Parameters (and the stored step, if any) from a converter output or a run checkpoint.
+
+  Only target/... (and state/step) are read; optimizer slots, if present, are left on disk.
+  """
+  directory = resolve(path, what)
+  stored = stored_shapes(directory)
+  check_shapes(stored, {'target': abstract_params}, directory)
+  extra = sorted(n for n in stored if n.startswith('target/')
+                 and n not in {_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+                     {'target': abstract_params})[0]})
+  if extra:
+    raise errors.ConfigError(f'Checkpoint {directory} has parameter {extra[0]} that the configured model '
+                     f'lacks: {CONVERT_HINT}.')
+  item = {'target': abstract_params}
+  restore_args = {'target': ocp.checkpoint_utils.construct_restore_args(abstract_params)}
+  if 'state/step' in stored:
+    item['state'] = {'step': 0}
+    restore_args['state'] = {'step': ocp.RestoreArgs(restore_type=np.ndarray)}
+  restored = ocp.PyTreeCheckpointer().restore(directory, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
+  step = int(restored['state']['step']) if 'state' in restored else None
+  return restored['target'], step
+
+
+def _name(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
