@@ -18,13 +18,13 @@ OUTPUT_FEATURES = {
 }
 
 
-def _documents(split, shuffle_files):
-  del shuffle_files  # one in-memory source; the task shuffles examples
+def _documents(split, shuffle_files, seed=None):
+  del shuffle_files, seed  # one in-memory source; the task shuffles examples
   return tf.data.Dataset.from_tensor_slices({"targets": corpus.documents(split)})
 
 
-def _lead_summaries(split, shuffle_files):
-  del shuffle_files
+def _lead_summaries(split, shuffle_files, seed=None):
+  del shuffle_files, seed
   paragraphs, first_sentences = zip(*corpus.lead_summary_pairs(split))
   return tf.data.Dataset.from_tensor_slices({
       "inputs": ["summarize: " + p for p in paragraphs], "targets": list(first_sentences)})

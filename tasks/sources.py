@@ -25,15 +25,30 @@ class PreparedTfdsDataSource(seqio.TfdsDataSource):
     super().__init__(tfds_name=tfds_name, read_only=True, **kwargs)
     self._how_to_prepare = how_to_prepare or f"run `tfds build {tfds_name} --data_dir={{data_dir}}`"
 
+  def _not_prepared_error(self) -> DatasetNotPreparedError:
+    builder = self.tfds_dataset.builder
+    return DatasetNotPreparedError(
+        f"TFDS dataset {self.tfds_dataset.name} is not prepared in the TFDS data directory "
+        f"{builder.data_dir_root} (looked for {builder.data_dir}). To prepare it, on a "
+        f"machine with network access "
+        f"{self._how_to_prepare.format(data_dir=builder.data_dir_root)}, and copy the data "
+        "directory here; or point TFDS_DATA_DIR (or seqio.set_tfds_data_dir_override) at a "
+        "directory that has it.")
+
+  def _is_prepared(self) -> bool:
+    return bool(self.tfds_dataset.builder.info.splits)
+
   def get_dataset(self, split: Optional[str] = None, *args, **kwargs):
     try:
       return super().get_dataset(split, *args, **kwargs)
     except AssertionError as e:  # TFDS's "could not find data in <data_dir>"
-      builder = self.tfds_dataset.builder
-      raise DatasetNotPreparedError(
-          f"TFDS dataset {self.tfds_dataset.name} is not prepared in the TFDS data directory "
-          f"{builder.data_dir_root} (looked for {builder.data_dir}). To prepare it, on a "
-          f"machine with network access "
-          f"{self._how_to_prepare.format(data_dir=builder.data_dir_root)}, and copy the data "
-          "directory here; or point TFDS_DATA_DIR (or seqio.set_tfds_data_dir_override) at a "
-          "directory that has it.") from e
+      raise self._not_prepared_error() from e
+
+  def num_input_examples(self, split: str) -> Optional[int]:
+    # Unknown (None) until prepared; reading the data reports the missing dataset.
+    return super().num_input_examples(split) if self._is_prepared() else None
+
+  def list_shards(self, split: str):
+    if not self._is_prepared():
+      raise self._not_prepared_error()
+    return super().list_shards(split)
