@@ -88,26 +88,21 @@ def _check_output(input_dir: epath.Path, output: epath.Path, overwrite: bool) ->
 
 
 def _write_atomically(output: epath.Path, overwrite: bool, write) -> None:
-  """Writes into a hidden sibling and renames it into place only when complete.
+  """Writes inside a hidden sibling directory and renames the result into place when complete.
 
-  A crash or Ctrl-C leaves at most a `.<name>.gqa-tmp-*` directory, never a `checkpoint_<step>`
-  that looks finished; it is removed on the way out when Python gets the chance.
+  A crash or Ctrl-C leaves at most `.<name>.gqa-tmp-*/`, never a `checkpoint_<step>` that looks
+  finished; it is removed on the way out whenever Python gets the chance.
   """
   output.parent.mkdir(parents=True, exist_ok=True)
-  tag = uuid.uuid4().hex[:8]
-  temp = output.parent / f'.{output.name}.gqa-tmp-{tag}'
+  scratch = output.parent / f'.{output.name}.gqa-tmp-{uuid.uuid4().hex[:8]}'
+  scratch.mkdir()
   try:
-    write(temp)
+    write(scratch / output.name)  # Orbax keeps its own temporaries next to it: also in scratch.
     if output.exists():  # Only reached with --overwrite.
-      old = output.parent / f'.{output.name}.gqa-old-{tag}'
-      output.rename(old)
-      temp.rename(output)
-      old.rmtree()
-    else:
-      temp.rename(output)
+      output.rename(scratch / 'replaced')
+    (scratch / output.name).rename(output)
   finally:
-    if temp.exists():
-      temp.rmtree()
+    scratch.rmtree()
 
 
 class Progress:
@@ -125,10 +120,12 @@ class Progress:
     if now - self._last < 1 and self._done < self._n:
       return
     self._last = now
-    rate = self._bytes / max(now - self._start, 1e-9)
-    eta = (self._total - self._bytes) / max(rate, 1)
-    print(f'[{self._done}/{self._n}] {self._bytes / 1e6:.0f}/{self._total / 1e6:.0f} MB, '
-          f'{rate / 1e6:.0f} MB/s, ETA {eta:.0f}s  {name}', file=self._stream, flush=True)
+    elapsed = now - self._start
+    rate = self._bytes / max(elapsed, 1e-9)
+    when = (f'ETA {(self._total - self._bytes) / max(rate, 1):.0f}s' if self._done < self._n
+            else f'done in {elapsed:.1f}s')
+    print(f'[{self._done}/{self._n}] {self._bytes / 1e6:.1f}/{self._total / 1e6:.1f} MB, '
+          f'{rate / 1e6:.0f} MB/s, {when}  {name}', file=self._stream, flush=True)
 
 
 def _model_config():
@@ -139,11 +136,12 @@ def _model_config():
   from gqa_t5x import network  # pylint: disable=g-import-not-at-top
   for path in _GIN_SEARCH_PATHS.value:
     gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(_GIN_FILES.value, _GIN_BINDINGS.value, skip_unknown=True)
   try:
+    gin.parse_config_files_and_bindings(_GIN_FILES.value, _GIN_BINDINGS.value)
     return gin.get_configurable(network.T5Config)()
-  except (TypeError, ValueError) as e:
-    raise CheckpointError(f'--gin_file does not configure network.T5Config fully: {e}') from e
+  except (OSError, TypeError, ValueError) as e:
+    message = str(e).splitlines()[0]
+    raise CheckpointError(f'--gin_file must configure gqa_t5x.network.T5Config: {message}') from e
 
 
 def _requested_kv_heads(config) -> dict[str, int]:

@@ -10,6 +10,7 @@ import asyncio
 import os
 from typing import Callable
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -102,6 +103,7 @@ def write(directory: epath.Path, params: dict[str, LazyTensor], step: np.ndarray
       node = node.setdefault(key, {})
     node[leaf] = tensor
   registry = ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, ocp.type_handlers.ArrayHandler()),  # unused; Orbax warns if a registry lacks it
       (LazyTensor, _StreamingHandler(on_written)))
   # A Composite with one item is what T5X's CheckpointManager writes for a step.
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(
