@@ -14,6 +14,7 @@ Prepare once (writes TFRecords under the TFDS data directory):
 import json
 import os
 
+from etils import epath
 import tensorflow_datasets as tfds
 
 NAME = "gqa_media_sum"
@@ -26,20 +27,26 @@ class GqaMediaSum(tfds.core.GeneratorBasedBuilder):
   """MediaSum interview transcripts and their summaries."""
 
   VERSION = tfds.core.Version("1.0.0")
+  # TFDS derives this from the module name, which the editable install maps elsewhere.
+  pkg_dir_path = epath.Path(__file__).parent
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       f"Download {' and '.join(RELEASE_FILES)} from "
       "https://github.com/zcgzcgzcg1/MediaSum/tree/main/data (unzip news_dialogue.json.zip) "
       "and pass their directory as the manual dir.")
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="MediaSum interview transcripts (NPR, CNN) with their summaries.",
         features=tfds.features.FeaturesDict({
             "id": tfds.features.Text(),
             "summary": tfds.features.Text(),
             "utt": tfds.features.Sequence(tfds.features.Text()),
             "speaker": tfds.features.Sequence(tfds.features.Text()),
         }),
-        homepage="https://github.com/zcgzcgzcg1/MediaSum")
+        homepage="https://github.com/zcgzcgzcg1/MediaSum",
+        citation="Zhu, Liu, Mei, Zeng. MediaSum: A Large-scale Media Interview Dataset for "
+        "Dialogue Summarization. NAACL 2021.")
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     release_dir = dl_manager.manual_dir

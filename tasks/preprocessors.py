@@ -60,16 +60,17 @@ def _contains(texts, substrings):
 def trivia_qa(dataset: tf.data.Dataset) -> tf.data.Dataset:
   """One example per evidence document that contains an answer alias, as T5 builds TriviaQA.
 
-  inputs 'question: <q> context: <document>', targets the first alias found in the document;
-  'answers' keeps every alias of the question, the gold answers of the F1/EM metric.
+  inputs 'question: <q> context: <document>', targets the first alias (as written, so that its
+  tokens occur in the inputs) found in the document; 'answers' keeps the question's
+  normalized aliases, the gold answers of the F1/EM metric.
   """
 
   def examples(x):
     contexts = tf.concat([x["entity_pages"]["wiki_context"],
                           x["search_results"]["search_context"]], axis=0)
     contexts = tf.map_fn(_pad_punctuation, contexts)
-    aliases = x["answer"]["normalized_aliases"]
-    found = _contains(tf.strings.lower(contexts), tf.map_fn(_pad_punctuation, aliases))
+    aliases = tf.map_fn(_pad_punctuation, x["answer"]["aliases"])
+    found = _contains(contexts, aliases)
     has_answer = tf.reduce_any(found, axis=1)
     first_alias = tf.argmax(tf.cast(found, tf.int32), axis=1)
     question = _pad_punctuation(x["question"])
@@ -77,7 +78,7 @@ def trivia_qa(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices({
         "inputs": tf.boolean_mask(inputs, has_answer),
         "targets": tf.boolean_mask(tf.gather(aliases, first_alias), has_answer),
-    }).map(lambda ex: {**ex, "answers": aliases})
+    }).map(lambda ex: {**ex, "answers": x["answer"]["normalized_aliases"]})
 
   return dataset.flat_map(examples)
 
@@ -86,8 +87,8 @@ def trivia_qa_truncate_inputs(dataset: tf.data.Dataset,
                               sequence_length: Mapping[str, int]) -> tf.data.Dataset:
   """Cuts long tokenized inputs to a random window that still holds the answer (T5's recipe).
 
-  The window leaves one token for EOS. Examples whose answer tokens do not occur in the inputs
-  are dropped, since a cut could not keep them answerable.
+  The window leaves one token for EOS. Long examples whose answer tokens do not occur in the
+  inputs are dropped, since a cut could not keep them answerable.
   """
   window = sequence_length["inputs"] - 1
 
@@ -95,13 +96,13 @@ def trivia_qa_truncate_inputs(dataset: tf.data.Dataset,
   def truncate(x, seed):
     inputs, answer = x["inputs"], x["targets"]
     num_inputs, answer_len = tf.size(inputs), tf.size(answer)
+    if num_inputs <= window:
+      return x
     # [positions, answer_len] windows of the inputs, compared with the answer.
     frames = tf.signal.frame(inputs, tf.maximum(answer_len, 1), 1)
     starts = tf.where(tf.reduce_all(frames == answer[None, :], axis=1))[:, 0]
     if tf.size(starts) == 0 or answer_len == 0:
       return {**x, "inputs": inputs[:0]}
-    if num_inputs <= window:
-      return x
     answer_start = tf.cast(starts[0], tf.int32)
     lowest = tf.maximum(0, answer_start - (window - answer_len))
     highest = tf.minimum(answer_start, num_inputs - window)

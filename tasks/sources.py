@@ -21,8 +21,10 @@ class PreparedTfdsDataSource(seqio.TfdsDataSource):
   `tfds build` cannot fetch by itself.
   """
 
-  def __init__(self, tfds_name: str, how_to_prepare: Optional[str] = None, **kwargs):
-    super().__init__(tfds_name=tfds_name, read_only=True, **kwargs)
+  def __init__(self, tfds_name: str, how_to_prepare: Optional[str] = None,
+               splits=("train", "validation", "test"), **kwargs):
+    # Explicit splits: TFDS knows a dataset's splits only once it is prepared.
+    super().__init__(tfds_name=tfds_name, read_only=True, splits=splits, **kwargs)
     self._how_to_prepare = how_to_prepare or f"run `tfds build {tfds_name} --data_dir={{data_dir}}`"
 
   def _not_prepared_error(self) -> DatasetNotPreparedError:
