@@ -1,5 +1,6 @@
 """T5X's gin command line (--gin_file, --gin_bindings, --gin.NAME=value, --gin_search_paths),
 plus the macro checks T5X lacks: a misspelt or missing macro fails before any work starts."""
+import importlib
 import os
 import re
 import sys
@@ -11,8 +12,8 @@ import gin
 import gqa_t5x
 from gqa_t5x import errors
 
-DEFAULT_SEARCH_PATHS = ('.', os.path.join(os.path.dirname(os.path.dirname(gqa_t5x.__file__)),
-                                          'gin_configs'))
+DEFAULT_SEARCH_PATHS = (os.path.join(os.path.dirname(os.path.dirname(gqa_t5x.__file__)),
+                                     'gin_configs'), '.')
 
 flags.DEFINE_multi_string('gin_file', [], 'Gin config files (repeatable), searched in '
                           '--gin_search_paths; e.g. models/t5_1_1/small.gin runs/pretrain.gin.')
@@ -26,6 +27,7 @@ flags.DEFINE_bool('multiprocess', False, 'Call jax.distributed.initialize() with
                   "platform's auto-detection (TPU pods, SLURM) when no coordinator is given.")
 
 FLAGS = flags.FLAGS
+_GIN_CALL_NOTE = '\n  In call to configurable'  # gin appends this to errors raised in a job
 _GIN_FLAG = re.compile(r'^--gin\.([^=]+)=(.*)$', re.DOTALL)
 
 
@@ -78,7 +80,23 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
   except (ValueError, OSError) as e:  # gin's own message names the file, line and binding
     raise errors.ConfigError(f'Bad gin config: {e}') from e
   check_macros(_macro_names(gin_bindings))
+  _import_task_module()
   gin.finalize()
+
+
+def _import_task_module() -> None:
+  """Imports MIXTURE_OR_TASK_MODULE now: a task module may register gin configurables, which gin
+  refuses once the config is locked."""
+  try:
+    module = gin.query_parameter('%MIXTURE_OR_TASK_MODULE')
+  except ValueError:
+    return
+  if module:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise errors.ConfigError(f'MIXTURE_OR_TASK_MODULE={module!r} cannot be imported ({e}): '
+                               'name an importable module that registers your tasks.') from e
 
 
 def initialize_distributed() -> None:
@@ -100,9 +118,9 @@ def run(job: Callable[[], object]) -> Callable[[], None]:
       initialize_distributed()
       parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
       logging.info('Gin config:\n%s', gin.config_str())
-      job()
+      gin.get_configurable(job)()  # the gin-bound version of the job
     except errors.ConfigError as e:
-      sys.exit(f'Error: {e}')
+      sys.exit(f'Error: {str(e).split(_GIN_CALL_NOTE)[0]}')
 
   def main(argv=None):
     app.run(job_main, argv=rewrite_gin_args(sys.argv if argv is None else argv))

@@ -7,6 +7,7 @@ over 'data'.
 """
 from typing import Any, Sequence
 
+import flax
 from flax import linen as nn
 from flax.linen import partitioning as flax_partitioning
 import jax
@@ -48,7 +49,7 @@ class Partitioner:
 
   def params_shardings(self, params_axes: PyTree) -> PyTree:
     """Shardings for the 'params' tree, from the model's 'params_axes' collection."""
-    logical_specs = flax_partitioning.get_axis_names(params_axes)
+    logical_specs = flax.core.unfreeze(flax_partitioning.get_axis_names(params_axes))
     return nn.logical_to_mesh_sharding(logical_specs, self.mesh, self.rules)
 
   def opt_state_shardings(self, abstract_opt_state: PyTree, abstract_params: PyTree,

@@ -43,7 +43,7 @@ class Predictor:
     """The decode step compiled for this input shape, once (so timing excludes compilation)."""
     key = inputs.shape
     if key not in self._compiled:
-      with self.partitioner.mesh, nn.logical_axis_rules(self.partitioner.rules):
+      with jax.set_mesh(self.partitioner.mesh), nn.logical_axis_rules(self.partitioner.rules):
         self._compiled[key] = decoding.greedy_decode.lower(
             self.model, params, inputs, max_decode_length=self.max_decode_length,
             eos_id=self.eos_id).compile()

@@ -74,7 +74,7 @@ class Trainer:
                                donate_argnums=(0,))
 
   def _under_rules(self, fn: Callable, *args):
-    with self.partitioner.mesh, nn.logical_axis_rules(self.partitioner.rules):
+    with jax.set_mesh(self.partitioner.mesh), nn.logical_axis_rules(self.partitioner.rules):
       return fn(*args)
 
   def init_state(self, seed: int, params: Optional[PyTree] = None, step: int = 0) -> TrainState:
