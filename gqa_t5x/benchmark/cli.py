@@ -1,0 +1,245 @@
+"""gqa-t5x-benchmark: decode time per sample across kv-head counts G, against the roofline.
+
+  gqa-t5x-benchmark --levels=attention,decode --dtypes=float32 --output_dir=/tmp/bench
+
+Times the attention decode step and/or the whole greedy decode for G = H, H/2, ..., 1 (or
+--kv_heads), plus HuggingFace T5 (PyTorch) as the MHA peer when it is installed. Prints a
+Markdown table and the targets summary; with --output_dir also writes decode_benchmark.json,
+decode_benchmark.md and decode_benchmark.png (rewritten after every row, so an interrupted run
+keeps what it measured).
+"""
+import os
+import platform
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+from gqa_t5x.attention import check_kv_heads
+from gqa_t5x.benchmark import attention_step, decode, peer, report, roofline, timing
+
+LEVELS = ('attention', 'decode')
+DTYPES = ('float32', 'bfloat16', 'float16')
+FILE_STEM = 'decode_benchmark'
+
+_LEVELS = flags.DEFINE_list('levels', list(LEVELS), f'Which of {LEVELS} to time.')
+_KV_HEADS = flags.DEFINE_list('kv_heads', [], 'Key/value head counts G (each must divide '
+                              '--num_heads); default H, H/2, ..., 1.')
+_NUM_HEADS = flags.DEFINE_integer('num_heads', 64, 'Query heads H (XXL: 64).', lower_bound=1)
+_HEAD_DIM = flags.DEFINE_integer('head_dim', 64, 'Head dimension (T5: 64).', lower_bound=1)
+_EMB_DIM = flags.DEFINE_integer('emb_dim', 4096, 'Model width (XXL: 4096).', lower_bound=1)
+_MLP_DIM = flags.DEFINE_integer('mlp_dim', 10240, 'MLP width (XXL: 10240).', lower_bound=1)
+_VOCAB = flags.DEFINE_integer('vocab_size', 32128, 'Vocabulary (T5: 32128).', lower_bound=3)
+_DECODER_LAYERS = flags.DEFINE_integer('num_decoder_layers', 1, 'Decoder depth (XXL: 24).',
+                                       lower_bound=1)
+_ENCODER_LAYERS = flags.DEFINE_integer(
+    'num_encoder_layers', 0, 'Encoder depth (XXL: 24). Its time is the same for every G and '
+    'compute-bound; 0 keeps the embedding and final norm only.', lower_bound=0)
+_INPUT_LENGTH = flags.DEFINE_integer('input_length', 2048, 'Encoder input tokens.',
+                                     lower_bound=1)
+_OUTPUT_LENGTH = flags.DEFINE_integer('output_length', 64, 'Decoded tokens (every G decodes '
+                                      'exactly this many: EOS never stops it).', lower_bound=1)
+_BATCH = flags.DEFINE_integer('batch', 16, 'Samples per decode.', lower_bound=1)
+_DTYPES = flags.DEFINE_list('dtypes', ['float32'], f'Compute (and weight/cache) dtypes: {DTYPES}.')
+_DEVICE = flags.DEFINE_string('device', '', 'JAX platform to run on (cpu, gpu, tpu); '
+                              'default: JAX default backend.')
+_PEER = flags.DEFINE_boolean('peer', True, 'Also time HuggingFace T5 (MHA) greedy generate '
+                             'when torch and transformers are installed.')
+_PEER_DEVICE = flags.DEFINE_string('peer_device', '', 'torch device for the peer; default: '
+                                   'cuda when --device is gpu and CUDA is available, else cpu.')
+_WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed calls first (compilation).', lower_bound=1)
+_REPS = flags.DEFINE_integer('reps', 5, 'Timed calls; the median is reported.', lower_bound=1)
+_BANDWIDTH_MIB = flags.DEFINE_integer('bandwidth_mib', 1024, 'Buffer for the read-bandwidth '
+                                      'measurement (MiB).', lower_bound=1)
+_OUTPUT_DIR = flags.DEFINE_string('output_dir', '', 'Where to write JSON/Markdown/PNG; '
+                                  'empty: print only.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the random weights, cache and inputs.')
+
+
+def _kv_heads(num_heads: int, requested: list[str]) -> list[int]:
+  """Validated G values, largest first; the default halves H down to 1."""
+  if not requested:
+    values, g = [], num_heads
+    while g >= 1 and num_heads % g == 0:
+      values.append(g)
+      g = g // 2 if g % 2 == 0 else 0
+    return values if values[-1] == 1 else values + [1]
+  try:
+    values = [int(v) for v in requested]
+  except ValueError:
+    raise app.UsageError(f'--kv_heads must be integers; got {",".join(requested)}') from None
+  for g in values:
+    try:
+      check_kv_heads(num_heads, g, '--kv_heads')
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+  return sorted(set(values), reverse=True)
+
+
+def _choices(flag, allowed) -> list[str]:
+  bad = [v for v in flag.value if v not in allowed]
+  if bad or not flag.value:
+    raise app.UsageError(f'--{flag.name}={",".join(flag.value)}: choose from {",".join(allowed)}')
+  return list(dict.fromkeys(flag.value))
+
+
+def _device():
+  if not _DEVICE.value:
+    return jax.devices()[0]
+  try:
+    return jax.devices(_DEVICE.value)[0]
+  except RuntimeError:
+    raise app.UsageError(f'--device={_DEVICE.value}: no such JAX backend here; available: '
+                         f'{jax.default_backend()}') from None
+
+
+def _peer_device(device) -> str:
+  if _PEER_DEVICE.value:
+    return _PEER_DEVICE.value
+  if device.platform == 'gpu':
+    import torch
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+  return 'cpu'
+
+
+def measure_row(level: str, implementation: str, g: roofline.Geometry, dtype: str, run,
+                peak_bytes, bandwidth: float | None, warmup: int, reps: int) -> dict:
+  """Times run() and sets it against the floor (None when the bandwidth is not this device's)."""
+  t = timing.time_call(run, warmup, reps)
+  if level == 'attention':
+    total_bytes = step_bytes = roofline.attention_step_bytes(g, g.output_length)
+  else:
+    total_bytes = roofline.greedy_decode_bytes(g)
+    step_bytes = total_bytes / g.output_length
+  floor = None if bandwidth is None else roofline.floor_seconds(total_bytes, bandwidth)
+  return {
+      'level': level, 'implementation': implementation, 'dtype': dtype, 'kv_heads': g.kv_heads,
+      'median_s': t.median_s, 'min_s': t.min_s, 'max_s': t.max_s, 'reps': t.reps,
+      'spread': t.spread, 'time_per_sample_s': t.median_s / g.batch,
+      'bytes_per_step': step_bytes,
+      'floor_per_sample_s': None if floor is None else floor / g.batch,
+      'roofline_fraction': None if floor is None else floor / t.median_s,
+      'kv_cache_bytes_per_sample': roofline.kv_cache_bytes_per_sample(g),
+      'peak_bytes': peak_bytes,
+  }
+
+
+def _geometry(kv_heads: int, dtype: str) -> roofline.Geometry:
+  return roofline.Geometry(
+      batch=_BATCH.value, input_length=_INPUT_LENGTH.value, output_length=_OUTPUT_LENGTH.value,
+      emb_dim=_EMB_DIM.value, num_heads=_NUM_HEADS.value, kv_heads=kv_heads,
+      head_dim=_HEAD_DIM.value, mlp_dim=_MLP_DIM.value, vocab_size=_VOCAB.value,
+      num_decoder_layers=_DECODER_LAYERS.value,
+      bytes_per_element=roofline.bytes_per_element(jnp.dtype(dtype)))
+
+
+def _plan(levels, kv_heads, dtypes, with_peer):
+  """(level, implementation, dtype, G) in the order they are timed."""
+  plan = []
+  for dtype in dtypes:
+    for level in levels:
+      plan += [(level, 'gqa_t5x', dtype, g) for g in kv_heads]
+      if level == 'decode' and with_peer:
+        plan.append(('decode', 'hf_t5', dtype, _NUM_HEADS.value))
+  return plan
+
+
+def benchmark(write_outputs=None) -> dict:
+  """Runs every (dtype, level, G) of the flags; returns the JSON document.
+
+  write_outputs(document), when given, is called after every row.
+  """
+  levels = _choices(_LEVELS, LEVELS)
+  dtypes = _choices(_DTYPES, DTYPES)
+  kv_heads = _kv_heads(_NUM_HEADS.value, _KV_HEADS.value)
+  device = _device()
+  peer_version = peer.version() if _PEER.value and 'decode' in levels else 'not requested'
+  with_peer = peer_version.startswith('transformers')
+  peer_device = _peer_device(device) if with_peer else None
+  same_device = {'cpu': 'cpu', 'gpu': 'cuda'}.get(device.platform) == (peer_device or '')[:4]
+
+  with jax.default_device(device):
+    bandwidth = roofline.measure_read_bandwidth(_BANDWIDTH_MIB.value * report.MIB)
+    print(f'{device.platform} ({device.device_kind}): read bandwidth '
+          f'{bandwidth / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f}; peer: '
+          f'{peer_version}', flush=True)
+    document = {
+        'settings': {name: flags.FLAGS[name].value for name in (
+            'levels', 'kv_heads', 'num_heads', 'head_dim', 'emb_dim', 'mlp_dim', 'vocab_size',
+            'num_decoder_layers', 'num_encoder_layers', 'input_length', 'output_length',
+            'batch', 'dtypes', 'warmup', 'reps', 'bandwidth_mib', 'seed')},
+        'machine': {'platform': device.platform, 'device_kind': device.device_kind,
+                    'jax': jax.__version__, 'python': platform.python_version(),
+                    'cpu_count': os.cpu_count(), 'load_average_start': os.getloadavg()},
+        'read_bandwidth_bytes_per_s': bandwidth, 'peer': peer_version,
+        'peer_device': peer_device, 'rows': [], 'summary': {},
+    }
+    plan = _plan(levels, kv_heads, dtypes, with_peer)
+    start = time.perf_counter()
+    for i, (level, implementation, dtype, g) in enumerate(plan):
+      geometry = _geometry(g, dtype)
+      if implementation == 'hf_t5':
+        run, peak = peer.build(geometry, _ENCODER_LAYERS.value, dtype, peer_device, _SEED.value)
+      elif level == 'attention':
+        run, peak = attention_step.build(geometry, jnp.dtype(dtype), _SEED.value)
+      else:
+        run, peak = decode.build(geometry, _ENCODER_LAYERS.value, jnp.dtype(dtype), _SEED.value)
+      comparable = implementation == 'gqa_t5x' or same_device
+      row = measure_row(level, implementation, geometry, dtype, run, peak,
+                        bandwidth if comparable else None, _WARMUP.value, _REPS.value)
+      del run
+      document['rows'].append(row)
+      document['summary'] = report.summarize(document['rows'], _NUM_HEADS.value)
+      document['machine']['load_average_end'] = os.getloadavg()
+      elapsed = time.perf_counter() - start
+      fraction = ('' if row['roofline_fraction'] is None
+                  else f", {row['roofline_fraction']:.0%} of floor")
+      print(f'[{i + 1}/{len(plan)}] {level} {implementation} {dtype} G={g}: '
+            f"{row['time_per_sample_s'] * 1e3:.3g} ms/sample (spread {row['spread']:.0%})"
+            f'{fraction}; {elapsed:.0f} s elapsed, ETA {elapsed / (i + 1) * (len(plan) - i - 1):.0f} s',
+            flush=True)
+      if write_outputs:
+        write_outputs(document)
+  return document
+
+
+def _title(document) -> str:
+  s, m = document['settings'], document['machine']
+  return (f"H={s['num_heads']}x{s['head_dim']}, emb {s['emb_dim']}, decoder layers "
+          f"{s['num_decoder_layers']}, input {s['input_length']}, output {s['output_length']}, "
+          f"batch {s['batch']} on {m['platform']} ({m['device_kind']}), "
+          f"{document['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+
+
+def markdown(document) -> str:
+  return (f"{_title(document)}\n\n{report.format_table(document['rows'])}\n\n"
+          f"{report.format_summary(document['summary'])}\n")
+
+
+def _writer(output_dir: str):
+  os.makedirs(output_dir, exist_ok=True)
+
+  def write(document):
+    path = lambda ext: os.path.join(output_dir, f'{FILE_STEM}.{ext}')
+    report.write_json(path('json'), document)
+    report.write_text(path('md'), markdown(document))
+    report.write_png(path('png'), document['rows'], _title(document))
+
+  return write
+
+
+def _main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])} (all options are --flags)')
+  document = benchmark(_writer(_OUTPUT_DIR.value) if _OUTPUT_DIR.value else None)
+  print('\n' + markdown(document))
+
+
+def main():
+  app.run(_main)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,142 @@
+"""Results as a Markdown table (stdout), JSON (machines) and a PNG of G against time per sample.
+
+A row is a plain dict (see cli.measure_row); the summary turns rows into the issue's targets:
+how far each time is above its floor, whether time ever rises as G falls, and the side-by-side
+speed-ups (MHA / GQA-8, peer / ours) from one run.
+"""
+import json
+import os
+import tempfile
+
+MIB = 1 << 20
+NOISE_ALLOWANCE = 1.10  # a smaller G may time up to 10% slower before it counts as "rises"
+
+
+def _ms(seconds):
+  return '-' if seconds is None else f'{seconds * 1e3:.3g}'
+
+
+def _mib(nbytes):
+  return '-' if nbytes is None else f'{nbytes / MIB:,.1f}'
+
+
+def format_table(rows) -> str:
+  """One Markdown row per measurement; times in ms, sizes in MiB."""
+  header = ('| level | impl | dtype | G | ms/sample (median) | spread | read MiB/step | '
+            'floor ms/sample | of floor | KV MiB/sample | peak MiB |')
+  lines = [header, '|' + '---|' * (header.count('|') - 1)]
+  for r in rows:
+    fraction = '-' if r['roofline_fraction'] is None else f"{r['roofline_fraction']:.0%}"
+    lines.append(
+        f"| {r['level']} | {r['implementation']} | {r['dtype']} | {r['kv_heads']} | "
+        f"{_ms(r['time_per_sample_s'])} | {r['spread']:.0%} | {_mib(r['bytes_per_step'])} | "
+        f"{_ms(r['floor_per_sample_s'])} | {fraction} | {_mib(r['kv_cache_bytes_per_sample'])} | "
+        f"{_mib(r['peak_bytes'])} |")
+  return '\n'.join(lines)
+
+
+def _series(rows, level, implementation, dtype):
+  """{G: row} for one curve."""
+  return {r['kv_heads']: r for r in rows if (r['level'], r['implementation'], r['dtype'])
+          == (level, implementation, dtype)}
+
+
+def summarize(rows, num_heads: int) -> dict:
+  """The issue's targets, computed from this run's rows only (ratios are side by side)."""
+  summary = {}
+  for level, implementation, dtype in sorted({(r['level'], r['implementation'], r['dtype'])
+                                              for r in rows}):
+    series = _series(rows, level, implementation, dtype)
+    key = f'{level}/{implementation}/{dtype}'
+    above = [r['time_per_sample_s'] / r['floor_per_sample_s'] for r in series.values()
+             if r['floor_per_sample_s']]
+    kv = sorted(series, reverse=True)  # H ... 1
+    rises = [series[b]['time_per_sample_s'] / series[a]['time_per_sample_s']
+             for a, b in zip(kv, kv[1:])]
+    entry = {'worst_times_floor': max(above) if above else None}
+    if rises:
+      entry['worst_rise_as_g_falls'] = max(rises)
+      entry['never_rises'] = max(rises) <= NOISE_ALLOWANCE
+    if num_heads in series and 8 in series and num_heads != 8:
+      entry['speedup_gqa8_over_mha'] = (series[num_heads]['time_per_sample_s']
+                                        / series[8]['time_per_sample_s'])
+    if num_heads in series and 1 in series and num_heads != 1:
+      entry['speedup_mqa_over_mha'] = (series[num_heads]['time_per_sample_s']
+                                       / series[1]['time_per_sample_s'])
+    summary[key] = entry
+  for dtype in sorted({r['dtype'] for r in rows}):
+    peer = _series(rows, 'decode', 'hf_t5', dtype).get(num_heads)
+    ours = _series(rows, 'decode', 'gqa_t5x', dtype)
+    if peer is None:
+      continue
+    for g, name in ((num_heads, 'peer_over_our_mha'), (8, 'peer_over_our_gqa8')):
+      if g in ours:
+        summary.setdefault(f'peer/{dtype}', {})[name] = (peer['time_per_sample_s']
+                                                         / ours[g]['time_per_sample_s'])
+  return summary
+
+
+def format_summary(summary: dict) -> str:
+  lines = []
+  for key, entry in summary.items():
+    parts = [f'{name}={value:.2f}' if isinstance(value, float) else f'{name}={value}'
+             for name, value in entry.items() if value is not None]
+    lines.append(f'{key}: ' + ', '.join(parts))
+  return '\n'.join(lines)
+
+
+def _write_atomically(path: str, write) -> None:
+  """Writes via a temporary file in the same folder, then renames: never a half-written file."""
+  folder = os.path.dirname(path) or '.'
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-' + os.path.basename(path))
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def write_json(path: str, document: dict) -> None:
+  _write_atomically(path, lambda f: f.write(json.dumps(document, indent=2).encode()))
+
+
+def write_text(path: str, text: str) -> None:
+  _write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def write_png(path: str, rows, title: str) -> None:
+  """Time per sample against G (log-log), one panel per level, measured lines and dashed floors;
+  the peer (MHA only) is a marker at G = H."""
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+
+  levels = [level for level in ('attention', 'decode') if any(r['level'] == level for r in rows)]
+  fig, panels = plt.subplots(1, max(len(levels), 1), figsize=(6 * max(len(levels), 1), 4.5),
+                             squeeze=False)
+  for panel, level in zip(panels[0], levels):
+    for implementation, dtype in sorted({(r['implementation'], r['dtype']) for r in rows
+                                         if r['level'] == level}):
+      series = _series(rows, level, implementation, dtype)
+      g = sorted(series)
+      ms = [series[k]['time_per_sample_s'] * 1e3 for k in g]
+      label = f'{implementation} {dtype}'
+      line, = panel.plot(g, ms, 'o-' if implementation == 'gqa_t5x' else 's', label=label,
+                         markersize=8 if implementation != 'gqa_t5x' else 5)
+      floors = [series[k]['floor_per_sample_s'] for k in g]
+      if implementation == 'gqa_t5x' and all(floors):
+        panel.plot(g, [f * 1e3 for f in floors], '--', color=line.get_color(),
+                   label=f'floor {dtype}')
+    panel.set_xscale('log', base=2)
+    panel.set_yscale('log')
+    panel.set_xlabel('key/value heads G (H = MHA, 1 = MQA)')
+    panel.set_ylabel('time per sample (ms)')
+    panel.set_title({'attention': 'attention decode step', 'decode': 'whole greedy decode'}[level])
+    panel.grid(True, which='both', alpha=0.3)
+    panel.legend(fontsize=8)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  _write_atomically(path, lambda f: fig.savefig(f, format='png', dpi=110))
+  plt.close(fig)

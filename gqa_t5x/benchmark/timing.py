@@ -1,0 +1,36 @@
+"""Wall-clock timing of a blocking call: warm-up (compilation) excluded, median and range."""
+import dataclasses
+import statistics
+import time
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """Wall-clock seconds of `reps` timed calls (after warm-up): median and the range."""
+  median_s: float
+  min_s: float
+  max_s: float
+  reps: int
+
+  @property
+  def spread(self) -> float:
+    """(max - min) / median: how noisy the repetitions were."""
+    return (self.max_s - self.min_s) / self.median_s
+
+
+def time_call(fn, warmup: int = 1, reps: int = 5) -> Timing:
+  """Times `fn()` (which must block until its result is ready); warm-up calls are not counted.
+
+  The first warm-up call pays for compilation, so warmup must be at least 1.
+  """
+  if warmup < 1 or reps < 1:
+    raise ValueError(f'warmup and reps must be >= 1 (warm-up absorbs compilation); '
+                     f'got warmup={warmup}, reps={reps}')
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return Timing(statistics.median(times), min(times), max(times), reps)
