@@ -109,7 +109,11 @@ def write_text(path: str, text: str) -> None:
 def write_png(path: str, rows, title: str) -> None:
   """Time per sample against G (log-log), one panel per level, measured lines and dashed floors;
   the peer (MHA only) is a marker at G = H."""
-  import matplotlib
+  try:
+    import matplotlib
+  except ImportError:
+    print(f'matplotlib is not installed: {path} not written')
+    return
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
 
