@@ -1,0 +1,140 @@
+"""The decode benchmark's own arithmetic and the tool end to end on a tiny config (no timings)."""
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl.testing import flagsaver
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gqa_t5x.benchmark import cli, decode, peer, report, roofline, timing
+from gqa_t5x.decoding import init_cache
+from gqa_t5x.network import Transformer
+
+# Small enough to count by hand: 4 query heads, 2 kv heads of dim 2, width 8, 2 decoder layers.
+SMALL = roofline.Geometry(batch=2, input_length=10, output_length=3, emb_dim=8, num_heads=4,
+                          kv_heads=2, head_dim=2, mlp_dim=16, vocab_size=11, num_decoder_layers=2)
+
+
+def test_attention_step_bytes_by_hand():
+  # weights: self q,out 2*8*4*2=128 + self k,v 2*8*2*2=64 + cross q,out 128 = 320 elements;
+  # cache per sample, 3 cached positions: k and v, 2 heads x dim 2 over 3 + 10 positions = 104.
+  assert roofline.attention_step_bytes(SMALL, 3) == (320 + 2 * 104) * 4
+
+
+def test_greedy_decode_bytes_by_hand():
+  # per layer: 320 attention + 3*8*16 MLP = 704 weights; cache 2*2*2*(t+10) per sample;
+  # step t: 2 layers * (704 + 2 samples * 8 * (t + 10)) + 8*11 logits.
+  steps = [2 * (704 + 2 * 8 * (t + 10)) + 88 for t in (1, 2, 3)]
+  assert steps == [1848, 1880, 1912]
+  assert roofline.decoder_step_bytes(SMALL, 1) == 1848 * 4
+  assert roofline.greedy_decode_bytes(SMALL) == sum(steps) * 4
+  assert roofline.kv_cache_bytes_per_sample(SMALL) == 2 * 104 * 4
+
+
+@pytest.mark.parametrize('kv_heads', [4, 1])
+def test_counts_match_the_real_network(kv_heads):
+  """Weights and cache counted by the roofline equal the Transformer's own parameters/cache."""
+  g = SMALL.__class__(**{**SMALL.__dict__, 'kv_heads': kv_heads})
+  model = Transformer(decode.model_config(g, num_encoder_layers=1, dtype=jnp.float32))
+  tokens = jnp.full((g.batch, g.input_length), 2, jnp.int32)
+  targets = jnp.ones((g.batch, g.output_length), jnp.int32)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, targets, targets))
+  decoder = params['params']['decoder']
+  names = lambda tree: [(jax.tree_util.keystr(p), leaf)
+                        for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  cross_kv = ("['encoder_decoder_attention']['key']", "['encoder_decoder_attention']['value']")
+  per_step = sum(int(np.prod(leaf.shape)) for name, leaf in names(decoder)  # run once: excluded
+                 if len(leaf.shape) == 2 and 'relpos_bias' not in name
+                 and not any(kv in name for kv in cross_kv))
+  assert per_step == (g.num_decoder_layers * roofline.decoder_layer_weight_elements(g)
+                      + g.emb_dim * g.vocab_size)
+  cache = jax.eval_shape(lambda p: init_cache(model, p, tokens, g.output_length), params['params'])
+  cache_bytes = sum(leaf.size * leaf.dtype.itemsize for name, leaf in names(cache)
+                    if 'cached_' in name)
+  assert cache_bytes == g.batch * roofline.kv_cache_bytes_per_sample(g)
+
+
+def test_floor_and_bandwidth():
+  assert roofline.floor_seconds(3_000, 1_000.0) == 3.0
+  assert roofline.measure_read_bandwidth(1 << 20, reps=2) > 0
+
+
+def test_time_call_excludes_warmup_and_rejects_zero_warmup():
+  calls = []
+  t = timing.time_call(lambda: calls.append(1), warmup=2, reps=3)
+  assert len(calls) == 5 and t.reps == 3 and t.min_s <= t.median_s <= t.max_s
+  with pytest.raises(ValueError, match='warmup and reps must be >= 1'):
+    timing.time_call(lambda: None, warmup=0)
+
+
+def _row(level, g, seconds, implementation='gqa_t5x', floor=None):
+  return {'level': level, 'implementation': implementation, 'dtype': 'float32', 'kv_heads': g,
+          'time_per_sample_s': seconds, 'floor_per_sample_s': floor, 'spread': 0.1,
+          'bytes_per_step': 1 << 20, 'roofline_fraction': None if floor is None else floor / seconds,
+          'kv_cache_bytes_per_sample': 2 << 20, 'peak_bytes': None}
+
+
+def test_summary_ratios_and_rises():
+  rows = [_row('decode', 16, 8.0, floor=4.0), _row('decode', 8, 2.0, floor=1.0),
+          _row('decode', 4, 2.5, floor=1.0), _row('decode', 1, 1.0, floor=0.5),
+          _row('decode', 16, 16.0, implementation='hf_t5')]
+  summary = report.summarize(rows, num_heads=16)
+  ours = summary['decode/gqa_t5x/float32']
+  assert ours['worst_times_floor'] == 2.5
+  assert ours['worst_rise_as_g_falls'] == 1.25 and ours['never_rises'] is False
+  assert ours['speedup_gqa8_over_mha'] == 4.0 and ours['speedup_mqa_over_mha'] == 8.0
+  assert summary['peer/float32'] == {'peer_over_our_mha': 2.0, 'peer_over_our_gqa8': 8.0}
+  table = report.format_table(rows)
+  assert '| decode | gqa_t5x | float32 | 8 | 2e+03 | 10% | 1.0 | 1e+03 | 50% | 2.0 | - |' in table
+
+
+def test_default_and_invalid_kv_heads():
+  assert cli._kv_heads(64, []) == [64, 32, 16, 8, 4, 2, 1]
+  assert cli._kv_heads(12, []) == [12, 6, 3, 1]
+  assert cli._kv_heads(8, ['1', '8', '2']) == [8, 2, 1]
+  with pytest.raises(app.UsageError, match='valid values: 1, 2, 4, 8'):
+    cli._kv_heads(8, ['3'])
+
+
+@pytest.fixture
+def tiny_flags():
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(num_heads=4, head_dim=8, emb_dim=16, mlp_dim=32, vocab_size=50,
+                           batch=2, input_length=6, output_length=3, num_decoder_layers=1,
+                           kv_heads=['4', '1'], reps=1, bandwidth_mib=1):
+    yield flags.FLAGS
+
+
+def test_bad_dtype_is_a_usage_error(tiny_flags):
+  tiny_flags.dtypes = ['float64']
+  with pytest.raises(app.UsageError, match='--dtypes=float64: choose from float32,bfloat16'):
+    cli.benchmark()
+
+
+def test_tool_runs_on_a_tiny_config(tiny_flags, tmp_path):
+  out = tmp_path / 'out'
+  document = cli.benchmark(cli._writer(str(out)))
+  version = peer.version()
+  expected = [('attention', 'gqa_t5x', 4), ('attention', 'gqa_t5x', 1),
+              ('decode', 'gqa_t5x', 4), ('decode', 'gqa_t5x', 1)]
+  if version != peer.NOT_INSTALLED:  # the peer is an optional extra; both cases are checked
+    expected.append(('decode', 'hf_t5', 4))
+  assert [(r['level'], r['implementation'], r['kv_heads']) for r in document['rows']] == expected
+  assert document['peer'] == version
+  bandwidth = document['read_bandwidth_bytes_per_s']
+  for row in document['rows']:
+    g = cli._geometry(row['kv_heads'], 'float32')
+    total = (roofline.attention_step_bytes(g, 3) if row['level'] == 'attention'
+             else roofline.greedy_decode_bytes(g))
+    assert row['floor_per_sample_s'] == pytest.approx(total / bandwidth / 2)
+    assert row['time_per_sample_s'] == pytest.approx(row['median_s'] / 2)
+  assert sorted(os.listdir(out)) == ['decode_benchmark.json', 'decode_benchmark.md',
+                                     'decode_benchmark.png']
+  assert json.loads((out / 'decode_benchmark.json').read_text())['rows'] == document['rows']
+  assert (out / 'decode_benchmark.png').read_bytes()[:4] == b'\x89PNG'
+
