@@ -1,4 +1,5 @@
 """Scores a model on a task's metrics with seqio.Evaluator, decoding greedily (as the paper)."""
+import os
 from typing import Any, Optional
 
 from absl import logging
@@ -21,6 +22,8 @@ class Evaluation:
   def __init__(self, model: nn.Module, cfg: data.DatasetConfig, partitioner: Partitioner,
                log_dir: Optional[str] = None):
     data.get_task(cfg)
+    if log_dir:
+      os.makedirs(log_dir, exist_ok=True)  # seqio's loggers write into it but do not create it
     self.lengths = dict(cfg.task_feature_lengths)
     self.evaluator = seqio.Evaluator(
         mixture_or_task_name=cfg.mixture_or_task_name,
