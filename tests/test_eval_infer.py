@@ -4,7 +4,6 @@ import json
 import os
 
 import gin
-import jax
 import pytest
 
 from gqa_t5x import errors, gin_utils, runs

@@ -38,11 +38,7 @@ def _single_process_reference(cache_dir: str) -> dict:
     halves = [next(shard) for shard in shards]
     batch = {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
     state, _ = trainer.train_step(state, partitioner.shard_batch(batch))
-  return helpers.flatten(jax_to_numpy(state.params))
-
-
-def jax_to_numpy(tree):
-  return {k: jax_to_numpy(v) if isinstance(v, dict) else np.asarray(v) for k, v in tree.items()}
+  return helpers.flatten(state.params)
 
 
 def test_two_processes_agree_with_one_process_on_the_same_global_batch(tmp_path):
