@@ -81,6 +81,18 @@ def make_decoder_mask(decoder_target_tokens: Array, decoder_segment_ids: Array |
   return mask
 
 
+def attention(cfg: T5Config, kv_heads: int, name: str,
+              cross: bool = False) -> GroupedQueryAttention:
+  """A sub-layer's attention with the config's heads, dtype and dropout."""
+  return GroupedQueryAttention(cfg.num_heads, kv_heads, cfg.head_dim, cross_attention=cross,
+                               dtype=cfg.dtype, dropout_rate=cfg.dropout_rate,
+                               float32_logits=cfg.float32_attention_logits, name=name)
+
+
+def mlp(cfg: T5Config) -> MlpBlock:
+  return MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name='mlp')
+
+
 class EncoderLayer(nn.Module):
   """Pre-norm self-attention and gated MLP, each with a residual connection."""
   config: T5Config
@@ -90,15 +102,11 @@ class EncoderLayer(nn.Module):
     cfg = self.config
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     y = RMSNorm(dtype=cfg.dtype, name='pre_attention_layer_norm')(x)
-    y = GroupedQueryAttention(
-        cfg.num_heads, cfg.encoder_kv_heads, cfg.head_dim, dtype=cfg.dtype,
-        dropout_rate=cfg.dropout_rate, float32_logits=cfg.float32_attention_logits,
-        name='attention')(y, y, mask, bias, deterministic=deterministic)
+    y = attention(cfg, cfg.encoder_kv_heads, 'attention')(
+        y, y, mask, bias, deterministic=deterministic)
     x = x + dropout(y, deterministic)
     y = RMSNorm(dtype=cfg.dtype, name='pre_mlp_layer_norm')(x)
-    y = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype,
-                 name='mlp')(y, deterministic)
-    return x + dropout(y, deterministic)
+    return x + dropout(mlp(cfg)(y, deterministic), deterministic)
 
 
 class DecoderLayer(nn.Module):
@@ -110,21 +118,16 @@ class DecoderLayer(nn.Module):
                cross_mask: Array, deterministic: bool, decode: bool) -> Array:
     cfg = self.config
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-    attention = lambda kv_heads, cross, name: GroupedQueryAttention(
-        cfg.num_heads, kv_heads, cfg.head_dim, cross_attention=cross, dtype=cfg.dtype,
-        dropout_rate=cfg.dropout_rate, float32_logits=cfg.float32_attention_logits, name=name)
     z = RMSNorm(dtype=cfg.dtype, name='pre_self_attention_layer_norm')(y)
-    z = attention(cfg.decoder_self_kv_heads, False, 'self_attention')(
+    z = attention(cfg, cfg.decoder_self_kv_heads, 'self_attention')(
         z, z, self_mask, self_bias, deterministic=deterministic, decode=decode)
     y = y + dropout(z, deterministic)
     z = RMSNorm(dtype=cfg.dtype, name='pre_cross_attention_layer_norm')(y)
-    z = attention(cfg.decoder_cross_kv_heads, True, 'encoder_decoder_attention')(
+    z = attention(cfg, cfg.decoder_cross_kv_heads, 'encoder_decoder_attention', cross=True)(
         z, encoded, cross_mask, deterministic=deterministic, decode=decode)
     y = y + dropout(z, deterministic)
     z = RMSNorm(dtype=cfg.dtype, name='pre_mlp_layer_norm')(y)
-    z = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype,
-                 name='mlp')(z, deterministic)
-    return y + dropout(z, deterministic)
+    return y + dropout(mlp(cfg)(z, deterministic), deterministic)
 
 
 class Encoder(nn.Module):
