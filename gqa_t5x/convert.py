@@ -16,6 +16,7 @@ import uuid
 
 from absl import app
 from absl import flags
+from absl import logging
 from etils import epath
 
 from gqa_t5x.checkpoints import legacy_format, orbax_format, plan, pooling
@@ -165,6 +166,8 @@ def _requested_kv_heads(config) -> dict[str, int]:
 def _run(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines would drown the progress.
   for flag in (_INPUT, _OUTPUT):
     if not flag.value:
       raise CheckpointError(f'--{flag.name} is required')
