@@ -247,12 +247,17 @@ def run_cli(capsys):
   flags.FLAGS.unparse_flags()
 
 
+def make_file(directory, name, text=''):
+  os.makedirs(directory)
+  with open(os.path.join(directory, name), 'w') as f:
+    f.write(text)
+
+
 BAD_INPUTS = {
     'missing path': (lambda d: None, ['--num_kv_heads=2'], 'does not exist'),
-    'unrecognised format': (lambda d: (os.makedirs(d), open(os.path.join(d, 'x'), 'w').close()),
-                            ['--num_kv_heads=2'], 'unrecognised checkpoint format'),
-    'not msgpack': (lambda d: (os.makedirs(d),
-                               open(os.path.join(d, 'checkpoint'), 'w').write('model_checkpoint_path')),
+    'unrecognised format': (lambda d: make_file(d, 'x'), ['--num_kv_heads=2'],
+                            'unrecognised checkpoint format'),
+    'not msgpack': (lambda d: make_file(d, 'checkpoint', 'model_checkpoint_path'),
                     ['--num_kv_heads=2'], 'not a T5X msgpack checkpoint'),
     'missing attention': (
         lambda d: write_legacy_checkpoint(d, handmade_params(
