@@ -2,7 +2,8 @@
 parses it (gin_utils.parse_gin) and binds the values the paper prescribes, resolved from the bound
 job's arguments. Table 1's experiment files are run through the exact commands their headers
 document, stage after stage, checking that each stage starts from the checkpoint the previous
-one writes. Expected values come from the paper (Ainslie et al. 2023, section 3), not the gins.
+one writes. Expected values are written here from the paper (Ainslie et al. 2023, section 3) and
+T5.1.1's published sizes, never read from the gins.
 """
 import re
 import shlex
