@@ -83,7 +83,11 @@ class Trainer:
       init_params = params
       if init_params is None:
         init_params = self.model.init(rng, *_init_tokens(), enable_dropout=False)['params']
-      return TrainState(jnp.asarray(step, jnp.int32), init_params, self.optimizer.init(init_params))
+      # optax schedules and Adafactor's decay read their own step counts: start them at the
+      # checkpoint's step, as T5X's optimizer does (uptraining from step 1M runs at 1/sqrt(1M)).
+      opt_state = optax.tree_utils.tree_set(self.optimizer.init(init_params),
+                                            count=jnp.asarray(step, jnp.int32))
+      return TrainState(jnp.asarray(step, jnp.int32), init_params, opt_state)
     jitted = jax.jit(init, out_shardings=self.state_shardings)
     return self._under_rules(jitted, jax.random.key(seed))
 

@@ -12,7 +12,9 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from gqa_t5x import errors, gin_utils, losses, optimizers, runs
+from gqa_t5x import errors, gin_utils, losses, optimizers, partitioning, runs
+from gqa_t5x import trainer as trainer_lib
+from gqa_t5x.network import T5Config, Transformer
 from tests import runner_helpers as helpers
 
 
@@ -51,6 +53,23 @@ def test_adafactor_first_step_is_sign_times_parameter_rms():
   updates, _ = tx.update(grads, tx.init(params), params)
   rms = np.sqrt(np.mean(np.square(params['w'])))
   np.testing.assert_allclose(updates['w'], -0.1 * rms * np.sign(grads['w']), rtol=1e-5)
+
+
+def test_fresh_optimizer_state_from_a_checkpoint_step_continues_the_schedule():
+  # Uptraining from T5.1.1's step 1M must run at 1/sqrt(1M) = 1e-3, not at the warm-up's 1e-2.
+  # A fresh second moment then gives update = -lr * sign(g) * rms(param) (clipped to RMS 1).
+  model = Transformer(T5Config(vocab_size=8, emb_dim=4, num_heads=2, num_encoder_layers=1,
+                               num_decoder_layers=1, head_dim=2, mlp_dim=4))
+  tx = optimizers.adafactor(optimizers.rsqrt_schedule())
+  trainer = trainer_lib.Trainer(model, tx, partitioning.Partitioner(num_partitions=1))
+  state = trainer.init_state(seed=0, step=1_000_000)
+  grads = jax.tree.map(lambda p: jnp.where(jnp.arange(p.size).reshape(p.shape) % 2, 1., -1.),
+                       state.params)
+  updates, _ = tx.update(grads, state.opt_state, state.params)
+  scale = state.params['decoder']['decoder_norm']['scale']  # ones: rms 1
+  np.testing.assert_allclose(updates['decoder']['decoder_norm']['scale'],
+                             -1e-3 * np.sign(grads['decoder']['decoder_norm']['scale']) *
+                             np.sqrt(np.mean(np.square(scale))), rtol=1e-4)
 
 
 def _train(tmp_path_factory, model_dir, **macros):
