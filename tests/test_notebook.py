@@ -1,0 +1,88 @@
+"""notebooks/gqa_t5x_colab.ipynb, executed top to bottom in its tiny local mode (CPU, generated
+checkpoint, embedded tasks), then checked against what each stage must have produced."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests import runner_helpers
+
+NOTEBOOK = os.path.join(runner_helpers.REPO, 'notebooks', 'gqa_t5x_colab.ipynb')
+
+
+def code_cells(path: str) -> list:
+  """The notebook's code cells, checked to be plain Python (no shell escapes or magics), so the
+  same source runs in Colab and here."""
+  notebook = json.load(open(path))
+  assert notebook['nbformat'] == 4
+  cells = [c for c in notebook['cells'] if c['cell_type'] == 'code']
+  for cell in cells:
+    source = ''.join(cell['source'])
+    assert not any(line.lstrip().startswith(('!', '%')) for line in source.splitlines()), source
+    cell['source'] = source
+  return cells
+
+
+@pytest.fixture(scope='module')
+def executed(tmp_path_factory):
+  """Runs every code cell in one namespace; the parameters cell is followed, as papermill does,
+  by an injected cell that switches to local mode."""
+  work_dir = str(tmp_path_factory.mktemp('notebook'))
+  namespace = {'__name__': '__main__'}
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('MPLBACKEND', 'Agg')  # plt.show() draws nothing; the cells save PNGs too
+    patch.setenv('GQA_T5X_CACHE_DIR', os.path.join(work_dir, 'cache'))
+    for cell in code_cells(NOTEBOOK):
+      exec(compile(cell['source'], f'<cell {cell.get("id")}>', 'exec'), namespace)
+      if 'parameters' in cell['metadata'].get('tags', []):
+        exec(f'LOCAL_MODE = True\nWORK_DIR = {work_dir!r}', namespace)
+  namespace['plt'].close('all')
+  return namespace
+
+
+def test_parameters_cell_defaults_to_tpu_mode_with_a_t5_checkpoint():
+  parameters = [c for c in code_cells(NOTEBOOK)
+                if 'parameters' in c['metadata'].get('tags', [])]
+  assert len(parameters) == 1
+  namespace = {}
+  exec(parameters[0]['source'], namespace)
+  assert namespace['LOCAL_MODE'] is False and namespace['SIZE'] == 'base'
+  assert 12 % namespace['NUM_KV_HEADS'] == 0  # T5.1.1 Base has 12 heads
+
+
+def test_notebook_converts_by_mean_pooling_kv_heads(executed):
+  """The converted checkpoint's decoder kv kernels are the means of each group of 4 of the
+  generated MHA checkpoint's 8 heads (head_dim 16), computed here by hand."""
+  mha = runner_helpers.read_params(executed['SOURCE'])
+  gqa = runner_helpers.read_params(executed['CONVERTED'])
+  for name in ('decoder/layers_0/self_attention/key/kernel',
+               'decoder/layers_1/encoder_decoder_attention/value/kernel'):
+    expected = mha[name].reshape(128, 2, 4, 16).mean(axis=2).reshape(128, 32)
+    np.testing.assert_allclose(gqa[name], expected, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(gqa['encoder/layers_0/attention/key/kernel'],
+                                mha['encoder/layers_0/attention/key/kernel'])
+
+
+def test_notebook_uptrains_from_the_converted_parameters(executed):
+  steps = [step for step, _ in executed['losses']]
+  assert steps[-1] == executed['UPTRAIN_STEPS'] == 4
+  assert all(np.isfinite(loss) for _, loss in executed['losses'])
+  converted = runner_helpers.read_params(executed['CONVERTED'])
+  uptrained = runner_helpers.read_params(os.path.join(executed['MODEL_DIR'], 'checkpoint_4'))
+  name = 'decoder/layers_0/self_attention/key/kernel'
+  assert uptrained[name].shape == (128, 32)
+  change = np.abs(uptrained[name] - converted[name]).max()
+  assert 0 < change < 0.1 * np.abs(converted[name]).max()
+
+
+def test_notebook_scores_both_checkpoints_and_benchmarks_every_g(executed, tmp_path):
+  for name in ('converted', 'uptrained'):
+    assert {'rouge1', 'rouge2', 'rougeLsum'} <= set(executed['scores'][name])
+    assert all(0 <= v <= 100 for v in executed['scores'][name].values())
+  rows = executed['bench']['rows']
+  assert sorted(r['kv_heads'] for r in rows) == [1, 2, 4, 8]  # H, H/2, ..., 1
+  assert all(r['time_per_sample_s'] > 0 for r in rows)
+  for png in ('uptrain_loss.png', 'eval_rouge.png', 'decode_benchmark.png'):
+    with open(os.path.join(executed['WORK_DIR'], png), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
