@@ -74,8 +74,9 @@ def test_time_call_excludes_warmup_and_rejects_zero_warmup():
 def _row(level, g, seconds, implementation='gqa_t5x', floor=None):
   return {'level': level, 'implementation': implementation, 'dtype': 'float32', 'kv_heads': g,
           'time_per_sample_s': seconds, 'floor_per_sample_s': floor, 'spread': 0.1,
-          'bytes_per_step': 1 << 20, 'roofline_fraction': None if floor is None else floor / seconds,
-          'kv_cache_bytes_per_sample': 2 << 20, 'peak_bytes': None}
+          'bytes_per_step': (1 << 20) * (1 + g // 8), 'roofline_fraction': None if floor is None else floor / seconds,
+          'kv_cache_bytes_per_sample': 2 << 20, 'peak_bytes': None,
+          'read_bandwidth_bytes_per_s': 3e10}
 
 
 def test_summary_ratios_and_rises():
@@ -87,9 +88,10 @@ def test_summary_ratios_and_rises():
   assert ours['worst_times_floor'] == 2.5
   assert ours['worst_rise_as_g_falls'] == 1.25 and ours['never_rises'] is False
   assert ours['speedup_gqa8_over_mha'] == 4.0 and ours['speedup_mqa_over_mha'] == 8.0
+  assert ours['floor_speedup_gqa8_over_mha'] == 3 / 2 and ours['floor_speedup_mqa_over_mha'] == 3
   assert summary['peer/float32'] == {'peer_over_our_mha': 2.0, 'peer_over_our_gqa8': 8.0}
   table = report.format_table(rows)
-  assert '| decode | gqa_t5x | float32 | 8 | 2e+03 | 10% | 1.0 | 1e+03 | 50% | 2.0 | - |' in table
+  assert '| decode | gqa_t5x | float32 | 8 | 2e+03 | 10% | 2.0 | 30.0 | 1e+03 | 50% | 2.0 | - |' in table
 
 
 def test_default_and_invalid_kv_heads():
@@ -126,8 +128,8 @@ def test_tool_runs_on_a_tiny_config(tiny_flags, tmp_path):
     expected.append(('decode', 'hf_t5', 4))
   assert [(r['level'], r['implementation'], r['kv_heads']) for r in document['rows']] == expected
   assert document['peer'] == version
-  bandwidth = document['read_bandwidth_bytes_per_s']
   for row in document['rows']:
+    bandwidth = row['read_bandwidth_bytes_per_s']
     g = cli._geometry(row['kv_heads'], 'float32')
     total = (roofline.attention_step_bytes(g, 3) if row['level'] == 'attention'
              else roofline.greedy_decode_bytes(g))

@@ -187,8 +187,12 @@ def benchmark(write_outputs=None) -> dict:
       else:
         run, peak = decode.build(geometry, _ENCODER_LAYERS.value, jnp.dtype(dtype), _SEED.value)
       comparable = implementation == 'gqa_t5x' or same_device
+      # Re-measured beside every row: on a shared machine the bandwidth drifts with the load.
+      bandwidth = roofline.measure_read_bandwidth(_BANDWIDTH_MIB.value * report.MIB, reps=5)
       row = measure_row(level, implementation, geometry, dtype, run, peak,
                         bandwidth if comparable else None, _WARMUP.value, _REPS.value)
+      row['read_bandwidth_bytes_per_s'] = bandwidth
+      row['load_average'] = os.getloadavg()[0]
       del run
       document['rows'].append(row)
       document['summary'] = report.summarize(document['rows'], _NUM_HEADS.value)

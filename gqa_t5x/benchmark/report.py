@@ -22,7 +22,7 @@ def _mib(nbytes):
 
 def format_table(rows) -> str:
   """One Markdown row per measurement; times in ms, sizes in MiB."""
-  header = ('| level | impl | dtype | G | ms/sample (median) | spread | read MiB/step | '
+  header = ('| level | impl | dtype | G | ms/sample (median) | spread | read MiB/step | GB/s | '
             'floor ms/sample | of floor | KV MiB/sample | peak MiB |')
   lines = [header, '|' + '---|' * (header.count('|') - 1)]
   for r in rows:
@@ -30,6 +30,7 @@ def format_table(rows) -> str:
     lines.append(
         f"| {r['level']} | {r['implementation']} | {r['dtype']} | {r['kv_heads']} | "
         f"{_ms(r['time_per_sample_s'])} | {r['spread']:.0%} | {_mib(r['bytes_per_step'])} | "
+        f"{r['read_bandwidth_bytes_per_s'] / 1e9:.1f} | "
         f"{_ms(r['floor_per_sample_s'])} | {fraction} | {_mib(r['kv_cache_bytes_per_sample'])} | "
         f"{_mib(r['peak_bytes'])} |")
   return '\n'.join(lines)
@@ -57,12 +58,12 @@ def summarize(rows, num_heads: int) -> dict:
     if rises:
       entry['worst_rise_as_g_falls'] = max(rises)
       entry['never_rises'] = max(rises) <= NOISE_ALLOWANCE
-    if num_heads in series and 8 in series and num_heads != 8:
-      entry['speedup_gqa8_over_mha'] = (series[num_heads]['time_per_sample_s']
-                                        / series[8]['time_per_sample_s'])
-    if num_heads in series and 1 in series and num_heads != 1:
-      entry['speedup_mqa_over_mha'] = (series[num_heads]['time_per_sample_s']
-                                       / series[1]['time_per_sample_s'])
+    for g, name in ((8, 'gqa8'), (1, 'mqa')):
+      if num_heads in series and g in series and num_heads != g:
+        mha, other = series[num_heads], series[g]
+        entry[f'speedup_{name}_over_mha'] = mha['time_per_sample_s'] / other['time_per_sample_s']
+        # The most the bytes allow (bandwidth-free: rows may see different bandwidths).
+        entry[f'floor_speedup_{name}_over_mha'] = mha['bytes_per_step'] / other['bytes_per_step']
     summary[key] = entry
   for dtype in sorted({r['dtype'] for r in rows}):
     peer = _series(rows, 'decode', 'hf_t5', dtype).get(num_heads)
