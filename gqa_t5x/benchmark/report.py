@@ -132,8 +132,11 @@ def write_png(path: str, rows, title: str) -> None:
                          markersize=8 if implementation != 'gqa_t5x' else 5)
       floors = [series[k]['floor_per_sample_s'] for k in g]
       if implementation == 'gqa_t5x' and all(floors):
-        panel.plot(g, [f * 1e3 for f in floors], '--', color=line.get_color(),
-                   label=f'floor {dtype}')
+        # One bandwidth for the whole line (the best this run saw), so its shape is the bytes'.
+        bandwidths = [series[k]['read_bandwidth_bytes_per_s'] for k in g]
+        best = max(bandwidths)
+        panel.plot(g, [f * b / best * 1e3 for f, b in zip(floors, bandwidths)], '--',
+                   color=line.get_color(), label=f'floor {dtype} at {best / 1e9:.0f} GB/s')
     panel.set_xscale('log', base=2)
     panel.set_yscale('log')
     panel.set_xlabel('key/value heads G (H = MHA, 1 = MQA)')
