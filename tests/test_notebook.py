@@ -2,6 +2,8 @@
 checkpoint, embedded tasks), then checked against what each stage must have produced."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,21 +26,34 @@ def code_cells(path: str) -> list:
   return cells
 
 
+# Runs the cells in one namespace, like a kernel; after the parameters cell, an injected cell
+# switches to local mode (as papermill does). Then dumps what the checks below need.
+_KERNEL = """
+import json, sys
+cells, work_dir, results = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+namespace = {'__name__': '__main__'}
+for cell in cells:
+  exec(compile(cell['source'], cell['id'], 'exec'), namespace)
+  if 'parameters' in cell['metadata'].get('tags', []):
+    exec(f'LOCAL_MODE = True\\nWORK_DIR = {work_dir!r}', namespace)
+json.dump({name: namespace[name] for name in sys.argv[4:]}, open(results, 'w'))
+"""
+RESULTS = ('SOURCE', 'CONVERTED', 'MODEL_DIR', 'UPTRAIN_STEPS', 'losses', 'scores', 'bench')
+
+
 @pytest.fixture(scope='module')
 def executed(tmp_path_factory):
-  """Runs every code cell in one namespace; the parameters cell is followed, as papermill does,
-  by an injected cell that switches to local mode."""
-  work_dir = str(tmp_path_factory.mktemp('notebook'))
-  namespace = {'__name__': '__main__'}
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv('MPLBACKEND', 'Agg')  # plt.show() draws nothing; the cells save PNGs too
-    patch.setenv('GQA_T5X_CACHE_DIR', os.path.join(work_dir, 'cache'))
-    for cell in code_cells(NOTEBOOK):
-      exec(compile(cell['source'], f'<cell {cell.get("id")}>', 'exec'), namespace)
-      if 'parameters' in cell['metadata'].get('tags', []):
-        exec(f'LOCAL_MODE = True\nWORK_DIR = {work_dir!r}', namespace)
-  namespace['plt'].close('all')
-  return namespace
+  """The notebook run top to bottom in a fresh interpreter (a new kernel), in local mode."""
+  root = tmp_path_factory.mktemp('notebook')
+  work_dir, cells, results = root / 'work', root / 'cells.json', root / 'results.json'
+  cells.write_text(json.dumps(code_cells(NOTEBOOK)))
+  environment = dict(runner_helpers.env(str(root / 'cache'), num_devices=8), MPLBACKEND='Agg')
+  log = str(root / 'notebook.log')
+  process = subprocess.Popen([sys.executable, '-c', _KERNEL, str(cells), str(work_dir),
+                              str(results), *RESULTS], cwd=runner_helpers.REPO,
+                             env=environment, stdout=open(log, 'w'), stderr=subprocess.STDOUT)
+  runner_helpers.wait(process, log, timeout=600)
+  return dict(json.loads(results.read_text()), WORK_DIR=str(work_dir))
 
 
 def test_parameters_cell_defaults_to_tpu_mode_with_a_t5_checkpoint():
@@ -76,7 +91,7 @@ def test_notebook_uptrains_from_the_converted_parameters(executed):
   assert 0 < change < 0.1 * np.abs(converted[name]).max()
 
 
-def test_notebook_scores_both_checkpoints_and_benchmarks_every_g(executed, tmp_path):
+def test_notebook_scores_both_checkpoints_and_benchmarks_every_g(executed):
   for name in ('converted', 'uptrained'):
     assert {'rouge1', 'rouge2', 'rougeLsum'} <= set(executed['scores'][name])
     assert all(0 <= v <= 100 for v in executed['scores'][name].values())

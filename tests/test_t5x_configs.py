@@ -7,8 +7,6 @@ signatures (t5x at cc342d4, 2026-04-21), so the model part of every config still
 """
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 import types
 
@@ -244,16 +242,16 @@ def pooled_reference(mha_params: dict, num_kv_heads: int) -> dict:
 def t5x_runs(tmp_path_factory):
   """Converted GQA-2/MQA checkpoints of one random tiny MHA model, and a T5X runner."""
   pytest.importorskip('t5x', reason='T5X is not installed (see README: Running with T5X)')
-  from gqa_t5x import convert
   root = tmp_path_factory.mktemp('t5x')
-  mha = runner_helpers.flatten(runner_helpers.tiny_params(8))
-  runner_helpers.save_params_checkpoint(str(root / 'mha' / f'checkpoint_{START_STEP}'),
-                                        runner_helpers.tiny_params(8), step=START_STEP)
-  for name, g in (('gqa2', 2), ('mqa', 1)):
-    convert.convert(str(root / 'mha' / f'checkpoint_{START_STEP}'),
-                    str(root / name / f'checkpoint_{START_STEP}'),
-                    {'decoder_self': g, 'decoder_cross': g}, head_dim=16)
   environment = runner_helpers.env(str(root / 'cache'), num_devices=2)
+  params = runner_helpers.tiny_params(8)
+  source = str(root / 'mha' / f'checkpoint_{START_STEP}')
+  runner_helpers.save_params_checkpoint(source, params, step=START_STEP)
+  for name, g in (('gqa2', 2), ('mqa', 1)):
+    log = str(root / f'convert_{name}.log')
+    runner_helpers.wait(runner_helpers.start('gqa_t5x.convert', [
+        f'--input={source}', f'--output={root / name / f"checkpoint_{START_STEP}"}',
+        f'--num_kv_heads={g}', '--head_dim=16'], environment, log), log)
 
   def run(module: str, run_gin: str, num_kv_heads: int, log_name: str, extra_gin_files=(),
           **macros):
@@ -264,7 +262,8 @@ def t5x_runs(tmp_path_factory):
              + [f'--gin.{k}={v}' for k, v in macros.items()])
     log = str(root / f'{log_name}.log')
     runner_helpers.wait(runner_helpers.start(module, flags, environment, log), log, timeout=600)
-  return types.SimpleNamespace(root=root, mha=mha, run=run, environment=environment)
+  return types.SimpleNamespace(root=root, mha=runner_helpers.flatten(params), run=run,
+                               environment=environment)
 
 
 def partition_specs(model_info: str) -> dict:
