@@ -58,9 +58,18 @@ def test_counts_match_the_real_network(kv_heads):
   assert cache_bytes == g.batch * roofline.kv_cache_bytes_per_sample(g)
 
 
-def test_floor_and_bandwidth():
+def test_flops_by_hand():
+  # per sample: a multiply-add per weight (2 * 320) + q.k and p.v: 2 * 2 * 4 heads * 2 * (3 + 10)
+  assert roofline.attention_step_flops(SMALL, 3) == 2 * (2 * 320 + 416)
+  # per sample: 2 layers * (2 * 704 + 2 * 2 * 4 * 2 * (1 + 10)) + 2 * 8 * 11 logits
+  assert roofline.decoder_step_flops(SMALL, 1) == 2 * (2 * (2 * 704 + 352) + 176)
+
+
+def test_floor_is_the_slower_of_memory_and_compute():
   assert roofline.floor_seconds(3_000, 1_000.0) == 3.0
+  assert roofline.floor_seconds(3_000, 1_000.0, flops=10_000, flops_per_s=1_000.0) == 10.0
   assert roofline.measure_read_bandwidth(1 << 20, reps=2) > 0
+  assert roofline.measure_matmul_flops(64, reps=2) > 0
 
 
 def test_time_call_excludes_warmup_and_rejects_zero_warmup():
@@ -76,7 +85,7 @@ def _row(level, g, seconds, implementation='gqa_t5x', floor=None):
           'time_per_sample_s': seconds, 'floor_per_sample_s': floor, 'spread': 0.1,
           'bytes_per_step': (1 << 20) * (1 + g // 8), 'roofline_fraction': None if floor is None else floor / seconds,
           'kv_cache_bytes_per_sample': 2 << 20, 'peak_bytes': None,
-          'read_bandwidth_bytes_per_s': 3e10}
+          'read_bandwidth_bytes_per_s': 3e10, 'matmul_flops_per_s': 5e10, 'bound': 'memory'}
 
 
 def test_summary_ratios_and_rises():
@@ -91,7 +100,7 @@ def test_summary_ratios_and_rises():
   assert ours['floor_speedup_gqa8_over_mha'] == 3 / 2 and ours['floor_speedup_mqa_over_mha'] == 3
   assert summary['peer/float32'] == {'peer_over_our_mha': 2.0, 'peer_over_our_gqa8': 8.0}
   table = report.format_table(rows)
-  assert '| decode | gqa_t5x | float32 | 8 | 2e+03 | 10% | 2.0 | 30.0 | 1e+03 | 50% | 2.0 | - |' in table
+  assert '| decode | gqa_t5x | float32 | 8 | 2e+03 | 10% | 2.0 | 30.0 | 50 | 1e+03 | memory | 50% | 2.0 | - |' in table
 
 
 def test_default_and_invalid_kv_heads():
@@ -131,9 +140,11 @@ def test_tool_runs_on_a_tiny_config(tiny_flags, tmp_path):
   for row in document['rows']:
     bandwidth = row['read_bandwidth_bytes_per_s']
     g = cli._geometry(row['kv_heads'], 'float32')
-    total = (roofline.attention_step_bytes(g, 3) if row['level'] == 'attention'
-             else roofline.greedy_decode_bytes(g))
-    assert row['floor_per_sample_s'] == pytest.approx(total / bandwidth / 2)
+    attention = row['level'] == 'attention'
+    total = roofline.attention_step_bytes(g, 3) if attention else roofline.greedy_decode_bytes(g)
+    flops = roofline.attention_step_flops(g, 3) if attention else roofline.greedy_decode_flops(g)
+    floor = max(total / bandwidth, flops / row['matmul_flops_per_s'])
+    assert row['floor_per_sample_s'] == pytest.approx(floor / 2)
     assert row['time_per_sample_s'] == pytest.approx(row['median_s'] / 2)
   assert sorted(os.listdir(out)) == ['decode_benchmark.json', 'decode_benchmark.md',
                                      'decode_benchmark.png']

@@ -25,12 +25,12 @@ LOG="$OUT/gpu_benchmark.log"
 
 if [[ -n "${GQA_BENCH_TINY:-}" ]]; then
   MODEL=(--num_heads=4 --head_dim=8 --emb_dim=32 --mlp_dim=64 --vocab_size=100 --batch=2
-         --input_length=16 --bandwidth_mib=16)
+         --input_length=16 --bandwidth_mib=16 --matmul_n=64)
   ATTENTION=(--output_length=4 --reps=2) DECODE=(--output_length=4 --reps=2)
   LIMITS=(120 120)
 else
   MODEL=(--num_heads=64 --head_dim=64 --emb_dim=4096 --mlp_dim=10240 --vocab_size=32128
-         --batch=16 --input_length=2048 --bandwidth_mib=4096)
+         --batch=16 --input_length=2048 --bandwidth_mib=4096 --matmul_n=8192)
   ATTENTION=(--output_length=64 --reps=20)
   DECODE=(--output_length=512 --num_encoder_layers=2 --num_decoder_layers=2 --reps=3)
   LIMITS=(100 230)

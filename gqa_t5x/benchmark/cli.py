@@ -53,6 +53,9 @@ _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed calls first (compilation).'
 _REPS = flags.DEFINE_integer('reps', 5, 'Timed calls; the median is reported.', lower_bound=1)
 _BANDWIDTH_MIB = flags.DEFINE_integer('bandwidth_mib', 1024, 'Buffer for the read-bandwidth '
                                       'measurement (MiB).', lower_bound=1)
+_MATMUL_N = flags.DEFINE_integer('matmul_n', 2048, 'Side of the square matmul that measures '
+                                 'the compute roof (large enough to hide dispatch: 8192 on GPUs).',
+                                 lower_bound=64)
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', '', 'Where to write JSON/Markdown/PNG; '
                                   'empty: print only.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the random weights, cache and inputs.')
@@ -105,20 +108,28 @@ def _peer_device(device) -> str:
 
 
 def measure_row(level: str, implementation: str, g: roofline.Geometry, dtype: str, run,
-                peak_bytes, bandwidth: float | None, warmup: int, reps: int) -> dict:
+                peak_bytes, bandwidth: float | None, flops_per_s: float, warmup: int,
+                reps: int) -> dict:
   """Times run() and sets it against the floor (None when the bandwidth is not this device's)."""
   t = timing.time_call(run, warmup, reps)
   if level == 'attention':
     total_bytes = step_bytes = roofline.attention_step_bytes(g, g.output_length)
+    flops = roofline.attention_step_flops(g, g.output_length)
   else:
     total_bytes = roofline.greedy_decode_bytes(g)
     step_bytes = total_bytes / g.output_length
-  floor = None if bandwidth is None else roofline.floor_seconds(total_bytes, bandwidth)
+    flops = roofline.greedy_decode_flops(g)
+  floor = (None if bandwidth is None else
+           roofline.floor_seconds(total_bytes, bandwidth, flops, flops_per_s))
   return {
       'level': level, 'implementation': implementation, 'dtype': dtype, 'kv_heads': g.kv_heads,
       'median_s': t.median_s, 'min_s': t.min_s, 'max_s': t.max_s, 'reps': t.reps,
       'spread': t.spread, 'time_per_sample_s': t.median_s / g.batch,
-      'bytes_per_step': step_bytes,
+      'bytes_per_step': step_bytes, 'flops_per_step': flops / (1 if level == 'attention'
+                                                               else g.output_length),
+      'matmul_flops_per_s': flops_per_s,
+      'bound': (None if bandwidth is None else
+                'memory' if total_bytes / bandwidth >= flops / flops_per_s else 'compute'),
       'floor_per_sample_s': None if floor is None else floor / g.batch,
       'roofline_fraction': None if floor is None else floor / t.median_s,
       'kv_cache_bytes_per_sample': roofline.kv_cache_bytes_per_sample(g),
@@ -169,7 +180,7 @@ def benchmark(write_outputs=None) -> dict:
         'settings': {name: flags.FLAGS[name].value for name in (
             'levels', 'kv_heads', 'num_heads', 'head_dim', 'emb_dim', 'mlp_dim', 'vocab_size',
             'num_decoder_layers', 'num_encoder_layers', 'input_length', 'output_length',
-            'batch', 'dtypes', 'warmup', 'reps', 'bandwidth_mib', 'seed')},
+            'batch', 'dtypes', 'warmup', 'reps', 'bandwidth_mib', 'matmul_n', 'seed')},
         'machine': {'platform': device.platform, 'device_kind': device.device_kind,
                     'jax': jax.__version__, 'python': platform.python_version(),
                     'cpu_count': os.cpu_count(), 'load_average_start': os.getloadavg()},
@@ -189,8 +200,10 @@ def benchmark(write_outputs=None) -> dict:
       comparable = implementation == 'gqa_t5x' or same_device
       # Re-measured beside every row: on a shared machine the bandwidth drifts with the load.
       bandwidth = roofline.measure_read_bandwidth(_BANDWIDTH_MIB.value * report.MIB, reps=5)
+      flops_per_s = roofline.measure_matmul_flops(_MATMUL_N.value, jnp.dtype(dtype))
       row = measure_row(level, implementation, geometry, dtype, run, peak,
-                        bandwidth if comparable else None, _WARMUP.value, _REPS.value)
+                        bandwidth if comparable else None, flops_per_s, _WARMUP.value,
+                        _REPS.value)
       row['read_bandwidth_bytes_per_s'] = bandwidth
       row['load_average'] = os.getloadavg()[0]
       del run

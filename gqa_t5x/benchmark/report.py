@@ -23,15 +23,16 @@ def _mib(nbytes):
 def format_table(rows) -> str:
   """One Markdown row per measurement; times in ms, sizes in MiB."""
   header = ('| level | impl | dtype | G | ms/sample (median) | spread | read MiB/step | GB/s | '
-            'floor ms/sample | of floor | KV MiB/sample | peak MiB |')
+            'GFLOP/s | floor ms/sample | bound | of floor | KV MiB/sample | peak MiB |')
   lines = [header, '|' + '---|' * (header.count('|') - 1)]
   for r in rows:
     fraction = '-' if r['roofline_fraction'] is None else f"{r['roofline_fraction']:.0%}"
     lines.append(
         f"| {r['level']} | {r['implementation']} | {r['dtype']} | {r['kv_heads']} | "
         f"{_ms(r['time_per_sample_s'])} | {r['spread']:.0%} | {_mib(r['bytes_per_step'])} | "
-        f"{r['read_bandwidth_bytes_per_s'] / 1e9:.1f} | "
-        f"{_ms(r['floor_per_sample_s'])} | {fraction} | {_mib(r['kv_cache_bytes_per_sample'])} | "
+        f"{r['read_bandwidth_bytes_per_s'] / 1e9:.1f} | {r['matmul_flops_per_s'] / 1e9:.0f} | "
+        f"{_ms(r['floor_per_sample_s'])} | {r['bound'] or '-'} | {fraction} | "
+        f"{_mib(r['kv_cache_bytes_per_sample'])} | "
         f"{_mib(r['peak_bytes'])} |")
   return '\n'.join(lines)
 
@@ -132,11 +133,8 @@ def write_png(path: str, rows, title: str) -> None:
                          markersize=8 if implementation != 'gqa_t5x' else 5)
       floors = [series[k]['floor_per_sample_s'] for k in g]
       if implementation == 'gqa_t5x' and all(floors):
-        # One bandwidth for the whole line (the best this run saw), so its shape is the bytes'.
-        bandwidths = [series[k]['read_bandwidth_bytes_per_s'] for k in g]
-        best = max(bandwidths)
-        panel.plot(g, [f * b / best * 1e3 for f, b in zip(floors, bandwidths)], '--',
-                   color=line.get_color(), label=f'floor {dtype} at {best / 1e9:.0f} GB/s')
+        panel.plot(g, [f * 1e3 for f in floors], '--', color=line.get_color(),
+                   label=f'floor {dtype} (roofline)')
     panel.set_xscale('log', base=2)
     panel.set_yscale('log')
     panel.set_xlabel('key/value heads G (H = MHA, 1 = MQA)')

@@ -1,4 +1,4 @@
-"""The bytes one decode step must read, the machine's read bandwidth, and the floor they imply.
+"""The bytes (and flops) of one decode step, the machine's bandwidth, and the floor they imply.
 
 Why: at serving batch sizes a decoder step does a few flops per byte it reads, so its time is
 bounded below by (weights + key/value cache bytes) / read bandwidth. GQA's whole speed-up is the
@@ -77,6 +77,38 @@ def greedy_decode_bytes(g: Geometry) -> int:
   return sum(decoder_step_bytes(g, i + 1) for i in range(g.output_length))
 
 
+def attention_step_flops(g: Geometry, self_length: int) -> int:
+  """One layer's attention step: a multiply-add per weight per sample, plus q.k and p.v over the
+  cached positions for every query head."""
+  scores_and_mix = 2 * 2 * g.num_heads * g.head_dim * (self_length + g.input_length)
+  return g.batch * (2 * attention_weight_elements(g) + scores_and_mix)
+
+
+def decoder_step_flops(g: Geometry, self_length: int) -> int:
+  """A whole decoder step: every layer's weights and attention, then the logits."""
+  scores_and_mix = 2 * 2 * g.num_heads * g.head_dim * (self_length + g.input_length)
+  per_layer = 2 * decoder_layer_weight_elements(g) + scores_and_mix
+  return g.batch * (g.num_decoder_layers * per_layer + 2 * g.emb_dim * g.vocab_size)
+
+
+def greedy_decode_flops(g: Geometry) -> int:
+  """All decoder steps (the encoder and the one-off cross key/value projection not counted)."""
+  return sum(decoder_step_flops(g, i + 1) for i in range(g.output_length))
+
+
+def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, reps: int = 5) -> float:
+  """The default device's matmul throughput in flop/s: a jitted [n, n] x [n, n] product.
+
+  Why: at batch 16 a decode step does ~batch flops per weight it reads; a CPU with few cores
+  cannot do that as fast as it reads memory, and then the compute roof, not bandwidth, is the
+  floor.
+  """
+  a = jnp.ones((n, n), dtype)
+  product = jax.jit(jnp.matmul)
+  timing = time_call(lambda: product(a, a).block_until_ready(), warmup=2, reps=reps)
+  return 2 * n ** 3 / timing.median_s
+
+
 def measure_read_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
   """The default device's read bandwidth in bytes/s: a jitted sum over an `nbytes` float32 buffer.
 
@@ -88,9 +120,10 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
   return buffer.size * 4 / timing.median_s
 
 
-def floor_seconds(nbytes: int, bandwidth: float) -> float:
-  """The roofline: the time just to read `nbytes` at `bandwidth` bytes/s."""
-  return nbytes / bandwidth
+def floor_seconds(nbytes: int, bandwidth: float, flops: int = 0,
+                  flops_per_s: float = float('inf')) -> float:
+  """The roofline: the longer of reading `nbytes` at `bandwidth` and computing `flops`."""
+  return max(nbytes / bandwidth, flops / flops_per_s)
 
 
 def bytes_per_element(dtype) -> int:
