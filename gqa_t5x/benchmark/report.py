@@ -142,7 +142,7 @@ def write_png(path: str, rows, title: str) -> None:
     panel.set_title({'attention': 'attention decode step', 'decode': 'whole greedy decode'}[level])
     panel.grid(True, which='both', alpha=0.3)
     panel.legend(fontsize=8)
-  fig.suptitle(title, fontsize=9)
+  fig.suptitle(title, fontsize=8, wrap=True)
   fig.tight_layout()
   _write_atomically(path, lambda f: fig.savefig(f, format='png', dpi=110))
   plt.close(fig)
