@@ -40,7 +40,7 @@ def _main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}; all options are --flags')
   preset = presets.get(_PRESET.value)
-  output_dir = _OUTPUT_DIR.value or os.path.join('results', preset.name)
+  output_dir = os.path.abspath(_OUTPUT_DIR.value or os.path.join('results', preset.name))
   plan = stages.Plan(preset, os.path.join(output_dir, 'work'))
   if _DRY_RUN.value:
     for i, stage in enumerate(plan.stages, 1):

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -77,7 +78,7 @@ class Stage:
     return os.path.join(self.directory, MARKER)
 
   def command(self) -> str:
-    return ' '.join([f'python -m {self.module}'] + [_quote(a) for a in self.argv])
+    return ' '.join([f'python -m {self.module}'] + [shlex.quote(a) for a in self.argv])
 
   def is_done(self) -> bool:
     """True if finished with the same command; a different command is an error, not a redo."""
@@ -97,16 +98,12 @@ class Stage:
     os.makedirs(self.directory, exist_ok=True)
     if self.in_process and not use_subprocess:
       self.in_process()
-    else:
-      log = os.path.join(self.directory, 'command.log')
-      with open(log, 'w') as f:
-        status = subprocess.call([sys.executable, '-m', self.module, *self.argv], env=env,
-                                 stdout=f, stderr=subprocess.STDOUT)
+    else:  # its own progress output goes straight to the console
+      sys.stdout.flush()
+      status = subprocess.call([sys.executable, '-m', self.module, *self.argv], env=env)
       if status:
-        with open(log) as f:
-          tail = f.read()[-3000:]
-        raise errors.ConfigError(f'stage {self.name} failed (exit {status}): {self.command()}\n'
-                                 f'--- last lines of {log} ---\n{tail}')
+        raise errors.ConfigError(f'stage {self.name} failed (exit {status}; its output is '
+                                 f'above): {self.command()}')
     seconds = time.perf_counter() - start
     write_json_atomically(self.marker, {'stage': self.name, 'command': self.command(),
                                         'seconds': seconds})
@@ -120,11 +117,6 @@ def write_json_atomically(path: str, document) -> None:
     json.dump(document, f, indent=2)
     f.write('\n')
   os.replace(f.name, path)
-
-
-def _quote(arg: str) -> str:
-  return arg if all(c.isalnum() or c in '-_=./,:' for c in arg) else "'" + arg.replace(
-      "'", "'\\''") + "'"
 
 
 def _gin_flags(files: list[str], macros: dict) -> list[str]:
@@ -192,7 +184,8 @@ class Plan:
 
   # The graph.
   def _train_macros(self, task, lengths, steps, model_dir, batch, kv_heads, initial=None):
-    todo = steps - (initial[1] if initial else 0)  # TRAIN_STEPS counts the initial steps
+    # TRAIN_STEPS counts the initial checkpoint's steps; checkpoint 4 times per stage (resume).
+    todo = steps - (initial[1] if initial else 0)
     macros = dict(MIXTURE_OR_TASK_NAME=task, TASK_FEATURE_LENGTHS=dict(lengths),
                   TRAIN_STEPS=steps, MODEL_DIR=model_dir, BATCH_SIZE=batch,
                   NUM_KV_HEADS=kv_heads, RANDOM_SEED=self.preset.seed,
