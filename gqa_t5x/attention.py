@@ -81,7 +81,8 @@ class GroupedQueryAttention(nn.Module):
   With decode=True the module keeps a 'cache' collection:
   - self-attention: cached_key/cached_value [b, G, d, max_len] filled one position per call;
   - cross-attention: cached_key/cached_value [b, G, d, enc_len] projected from the encoder output
-    at the first decode step only (cache_index 0 -> 1), then reused.
+    at the first decode step only (cache_index 0 -> 1), then reused; later steps may pass
+    inputs_kv=None to read the cache without the first-step test.
   The first decode=True call (cache creation, e.g. `mutable=['cache']` on full-length inputs)
   only creates the cache and runs the ordinary computation.
   """
@@ -102,13 +103,20 @@ class GroupedQueryAttention(nn.Module):
     return self.num_heads // self.num_kv_heads
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None,
+  def __call__(self, inputs_q: Array, inputs_kv: Array | None, mask: Array | None = None,
                bias: Array | None = None, *, deterministic: bool = True,
                decode: bool = False) -> Array:
-    """inputs_q [b, t, e], inputs_kv [b, s, e], mask [b, 1, t, s], bias [b|1, H, t, s] -> [b, t, e]."""
+    """inputs_q [b, t, e], inputs_kv [b, s, e], mask [b, 1, t, s], bias [b|1, H, t, s] -> [b, t, e].
+
+    Cached cross-attention also accepts inputs_kv=None once an earlier step has filled its cache.
+    """
     embed = inputs_q.shape[-1]
     h, k, g, d = self.num_heads, self.num_kv_heads, self.queries_per_kv_head, self.head_dim
-    if inputs_kv.shape[-1] != embed:
+    cache_ready = decode and self.has_variable('cache', 'cached_key')
+    if inputs_kv is None and not (cache_ready and self.cross_attention):
+      raise ValueError('inputs_kv=None is only accepted by cached cross-attention (decode=True '
+                       'after the cache was created and filled); pass the encoder output.')
+    if inputs_kv is not None and inputs_kv.shape[-1] != embed:
       raise ValueError(f'inputs_q and inputs_kv must share the embed dimension; got '
                        f'{inputs_q.shape} and {inputs_kv.shape}')
     depth_scaled_init = lambda *a: attention_kernel_init(*a) / jnp.sqrt(d).astype(jnp.float32)
@@ -132,16 +140,21 @@ class GroupedQueryAttention(nn.Module):
     query = nn.with_logical_constraint(
         query, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.HEADS, axes.KV))
 
-    cache_ready = decode and self.has_variable('cache', 'cached_key')
     if decode:
-      kv_shape = (inputs_kv.shape[0], k, d, inputs_kv.shape[1])  # [b, k, d, s]
-      cached_key = self.variable('cache', 'cached_key', jnp.zeros, kv_shape, self.dtype)
-      cached_value = self.variable('cache', 'cached_value', jnp.zeros, kv_shape, self.dtype)
+      kv_shape = lambda: (inputs_kv.shape[0], k, d, inputs_kv.shape[1])  # [b, k, d, s]
+      cached_key = self.variable('cache', 'cached_key', lambda: jnp.zeros(kv_shape(), self.dtype))
+      cached_value = self.variable('cache', 'cached_value',
+                                   lambda: jnp.zeros(kv_shape(), self.dtype))
       cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
 
     if not cache_ready:
       keys, values = project_kv(inputs_kv)
+    elif self.cross_attention and inputs_kv is None:
+      keys, values = cached_key.value, cached_value.value  # read as stored: no copy
     elif self.cross_attention:
+      # T5X creates the cache from dummy inputs and passes the encoder output at every step:
+      # project it at the first step only. (The cond costs a copy of the cache per step on CPU;
+      # gqa_t5x.decoding passes inputs_kv=None after the first step instead.)
       keys, values = jax.lax.cond(
           cache_index.value == 0, lambda: project_kv(inputs_kv),
           lambda: (cached_key.value, cached_value.value))

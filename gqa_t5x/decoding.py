@@ -33,7 +33,7 @@ def greedy_decode(model: Transformer, params, encoder_input_tokens: Array, max_d
                         method=Transformer.encode)
   cache = init_cache(model, params, encoder_input_tokens, max_decode_length)
 
-  def step(state):
+  def step(state, encoded):
     i, cache, token, outputs, done = state
     logits, variables = model.apply(
         {'params': params, 'cache': cache}, encoded, encoder_input_tokens, token, token,
@@ -50,4 +50,7 @@ def greedy_decode(model: Transformer, params, encoder_input_tokens: Array, max_d
 
   state = (jnp.array(0), cache, jnp.zeros((batch, 1), jnp.int32),
            jnp.zeros((batch, max_decode_length), jnp.int32), jnp.zeros((batch,), bool))
-  return jax.lax.while_loop(not_finished, step, state)[3]
+  # The first step projects the encoder output into the cross-attention caches; the loop's steps
+  # read them as stored (encoded=None).
+  state = step(state, encoded)
+  return jax.lax.while_loop(not_finished, lambda s: step(s, None), state)[3]

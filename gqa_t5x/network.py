@@ -114,7 +114,7 @@ class DecoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, y: Array, encoded: Array, self_mask: Array | None, self_bias: Array,
+  def __call__(self, y: Array, encoded: Array | None, self_mask: Array | None, self_bias: Array,
                cross_mask: Array, deterministic: bool, decode: bool) -> Array:
     cfg = self.config
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
@@ -161,8 +161,9 @@ class Decoder(nn.Module):
   shared_embedding: nn.Module
 
   @nn.compact
-  def __call__(self, encoded: Array, tokens: Array, self_mask: Array | None, cross_mask: Array,
-               deterministic: bool, decode: bool, max_decode_length: int | None) -> Array:
+  def __call__(self, encoded: Array | None, tokens: Array, self_mask: Array | None,
+               cross_mask: Array, deterministic: bool, decode: bool,
+               max_decode_length: int | None) -> Array:
     cfg = self.config
     relpos = RelativePositionBias(cfg.num_heads, False, cfg.num_relpos_buckets,
                                   cfg.relpos_max_distance, cfg.dtype, name='relpos_bias')
@@ -212,12 +213,16 @@ class Transformer(nn.Module):
       mask = mask * make_attention_mask(encoder_segment_ids, encoder_segment_ids, jnp.equal)
     return self.encoder(encoder_input_tokens, mask, deterministic=not enable_dropout)
 
-  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+  def decode(self, encoded: Array | None, encoder_input_tokens: Array, decoder_input_tokens: Array,
              decoder_target_tokens: Array, encoder_segment_ids: Array | None = None,
              decoder_segment_ids: Array | None = None, decoder_positions: Array | None = None,
              enable_dropout: bool = True, decode: bool = False,
              max_decode_length: int | None = None) -> Array:
-    """Decoder logits [b, t, vocab]; with decode=True, one cached step ([b, 1] -> [b, 1, vocab])."""
+    """Decoder logits [b, t, vocab]; with decode=True, one cached step ([b, 1] -> [b, 1, vocab]).
+
+    In a cached step after the first, encoded=None reads the cross-attention keys/values the first
+    step projected (T5X passes `encoded` every time, which works too).
+    """
     del decoder_positions  # relative positions come from token order, as in T5X's T5.1.1.
     if decode:
       if encoder_segment_ids is not None:

@@ -115,10 +115,19 @@ def test_cross_attention_projects_encoder_once_and_reuses_the_cache():
   again, _ = layer.apply({'params': params, 'cache': state['cache']}, x_q, jnp.zeros_like(x_kv),
                          decode=True, mutable=['cache'])
   np.testing.assert_allclose(again, first, rtol=1e-6)
+  from_cache, _ = layer.apply({'params': params, 'cache': state['cache']}, x_q, None,
+                              decode=True, mutable=['cache'])
+  np.testing.assert_allclose(from_cache, first, rtol=1e-6)
   wq, wk, wv, wo = _kernels(params)
   want = reference.mha(x_q, x_kv, wq, reference.repeat_kv_kernel(wk, H, 2, D),
                        reference.repeat_kv_kernel(wv, H, 2, D), wo, H, D)
   np.testing.assert_allclose(first, want, rtol=2e-5, atol=2e-5)
+
+
+def test_missing_inputs_kv_outside_cached_cross_attention_is_a_clear_error():
+  x = jnp.ones((1, 1, E))
+  with pytest.raises(ValueError, match='only accepted by cached cross-attention'):
+    GroupedQueryAttention(H, 2, D, cross_attention=True).init(jax.random.PRNGKey(0), x, None)
 
 
 def _largest_intermediate(fn, *args):
