@@ -50,7 +50,7 @@ def _main(argv) -> None:
   env = _compilation_cache(plan.work_dir)
   summary = pipeline.run(plan, _SUBPROCESS.value, env, log=lambda s: print(s, flush=True))
   document = report.write(plan, output_dir)
-  held = sum(f['held'] for f in document['findings'])
+  held = sum(f['verdict'] == 'held' for f in document['findings'])
   print(f"Done in {pipeline.format_duration(summary['seconds'])} ({len(summary['ran'])} stages "
         f"run, {len(summary['reused'])} reused). {held} of {len(document['findings'])} of the "
         f"paper's findings held. See {os.path.join(output_dir, 'table.md')}", flush=True)

@@ -109,12 +109,14 @@ PAPER = Preset(
                 'fine-tuned on the seven tasks. Needs a TPU slice and the prepared TFDS data.',
     model_gin='models/t5_1_1/xxl.gin', num_heads=64, gqa_groups=(8,),
     pretrain_task='gqa_c4_span_corruption', pretrain_lengths=lengths(512, 114),
+    # T5's final recipe: 1M steps of 2048 x 512-token sequences; uptraining continues it.
     pretrain_steps=1_000_000, pretrain_batch=2048, warmup_steps=10000,
     finetune_tasks=(('gqa_cnn_dailymail', lengths(512, 256)), ('gqa_arxiv', lengths(2048, 512)),
                     ('gqa_pubmed', lengths(2048, 512)), ('gqa_mediasum', lengths(2048, 512)),
                     ('gqa_multi_news', lengths(2048, 512)),
                     ('gqa_wmt14_ende', lengths(512, 256)), ('gqa_trivia_qa', lengths(2048, 32))),
-    finetune_steps=20000, finetune_batch=128, eval_batch=256,
+    finetune_steps=20000,  # the paper does not state it (it keeps the best dev checkpoint)
+    finetune_batch=128, eval_batch=256,
     benchmark=Benchmark(input_length=2048, output_length=512, batch=32),
     pretrained_checkpoint='gs://t5-data/pretrained_models/t5x/t5_1_1_xxl/checkpoint_1000000',
     extra_bindings=('NUM_PARTITIONS = 8',), seconds_per_kilotoken=0.0002)

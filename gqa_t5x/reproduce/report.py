@@ -12,6 +12,7 @@ from gqa_t5x.reproduce import paper
 from gqa_t5x.reproduce.stages import BENCHMARK_FILE, EVAL_FILE, Plan, write_json_atomically
 
 PRIMARY_METRICS = ('rouge1', 'bleu', 'f1')  # the paper's: ROUGE-1, BLEU, F1 (TriviaQA)
+QUALITY_TIE = 0.1  # points: quality claims over scores closer than this are not decided
 FIGURES = {'fig3': 'fig3_quality_vs_time.png', 'fig4': 'fig4_conversion.png',
            'fig5': 'fig5_uptraining.png', 'fig6': 'fig6_groups_vs_time.png'}
 
@@ -63,40 +64,51 @@ def _find(records, kv_heads, alpha, method='mean'):
 
 
 def findings(plan: Plan, records: list[dict], times: dict[int, float]) -> list[dict]:
-  """The paper's claims, each tested on this run's numbers (one seed: small gaps are noise)."""
+  """The paper's claims, each tested on this run's numbers.
+
+  A quality claim whose scores all lie within QUALITY_TIE points of each other is reported as
+  no measurable difference rather than held or not: at small scale every model can collapse to
+  the same output, and equal scores support no ordering.
+  """
   p, h = plan.preset, plan.preset.num_heads
   g, a, top = p.gqa_groups[0], p.main_alpha, max(p.alphas)
   mha, gqa, mqa = _find(records, h, 0.0), _find(records, g, a), _find(records, 1, a)
   gqa0, mqa0 = _find(records, g, 0.0), _find(records, 1, 0.0)
+  gqa_top, mqa_top = _find(records, g, top), _find(records, 1, top)
+  methods = [_find(records, 1, a, m) for m in ('mean',) + p.ablation_methods]
   avg = lambda r: f"{r['average']:.2f}"
   ms = lambda s: f'{1e3 * s:.3g} ms'
-  out = [
+  claims = [  # (finding, paper, this run, held, rows whose scores it compares or None)
       ('MQA and GQA decode faster than MHA', 'MHA 1.51 s, GQA-8 0.28 s, MQA 0.24 s',
        f"MHA {ms(mha['t_infer_s'])}, GQA-{g} {ms(gqa['t_infer_s'])}, MQA {ms(mqa['t_infer_s'])}",
-       mqa['t_infer_s'] < mha['t_infer_s'] and gqa['t_infer_s'] < mha['t_infer_s']),
+       mqa['t_infer_s'] < mha['t_infer_s'] and gqa['t_infer_s'] < mha['t_infer_s'], None),
       ('Uptrained GQA is closer to MHA quality than MQA is', 'MHA 47.2, GQA-8 47.1, MQA 46.6',
        f'MHA {avg(mha)}, GQA-{g} {avg(gqa)}, MQA {avg(mqa)}',
-       abs(mha['average'] - gqa['average']) <= abs(mha['average'] - mqa['average'])),
+       abs(mha['average'] - gqa['average']) < abs(mha['average'] - mqa['average']),
+       [mha, gqa, mqa]),
       ('Mean pooling converts best: mean > first > random', 'mean > first > random (Fig. 4)',
-       ', '.join(f"{m} {avg(_find(records, 1, a, m))}" for m in ('mean',) + p.ablation_methods),
-       all(_find(records, 1, a, x)['average'] > _find(records, 1, a, y)['average']
-           for x, y in zip(('mean',) + p.ablation_methods, p.ablation_methods))),
+       ', '.join(f"{r['method']} {avg(r)}" for r in methods),
+       all(x['average'] > y['average'] for x, y in zip(methods, methods[1:])), methods),
       ('Without uptraining GQA is usable and MQA is not (GQA > MQA at alpha 0)',
        'GQA 56.8, MQA 54.0 (Fig. 5)', f'GQA-{g} {avg(gqa0)}, MQA {avg(mqa0)}',
-       gqa0['average'] > mqa0['average']),
+       gqa0['average'] > mqa0['average'], [gqa0, mqa0]),
       (f'Uptraining improves the converted models (alpha {top:g} > alpha 0)',
        'GQA 56.8 -> 57.5, MQA 54.0 -> 57.2 (Fig. 5)',
-       f"GQA-{g} {avg(gqa0)} -> {avg(_find(records, g, top))}, MQA {avg(mqa0)} -> "
-       f"{avg(_find(records, 1, top))}",
-       _find(records, g, top)['average'] > gqa0['average']
-       and _find(records, 1, top)['average'] > mqa0['average']),
+       f'GQA-{g} {avg(gqa0)} -> {avg(gqa_top)}, MQA {avg(mqa0)} -> {avg(mqa_top)}',
+       gqa_top['average'] > gqa0['average'] and mqa_top['average'] > mqa0['average'],
+       [gqa0, gqa_top, mqa0, mqa_top]),
       ('Time per sample grows with G; small G costs about what MQA costs',
        'G=1 0.48 s, G=8 0.51 s, G=64 2.5 s (Fig. 6)',
        ', '.join(f'G={k} {ms(v)}' for k, v in sorted(times.items())),
-       times[1] < times[h] and times[g] < times[h]),
+       times[1] < times[h] and times[g] < times[h], None),
   ]
-  return [{'finding': f, 'paper': pv, 'this_run': here, 'held': bool(held)}
-          for f, pv, here, held in out]
+  out = []
+  for finding, paper_value, here, held, compared in claims:
+    scores = [r['average'] for r in compared or ()]
+    tie = bool(scores) and max(scores) - min(scores) < QUALITY_TIE
+    verdict = 'no measurable difference' if tie else 'held' if held else 'did not hold'
+    out.append({'finding': finding, 'paper': paper_value, 'this_run': here, 'verdict': verdict})
+  return out
 
 
 def _table_md(plan: Plan, records: list[dict]) -> str:
@@ -121,9 +133,9 @@ def _paper_table_md() -> str:
 
 def markdown(plan: Plan, records, found, times) -> str:
   p, b = plan.preset, plan.preset.benchmark
-  held = sum(f['held'] for f in found)
-  rows = '\n'.join(f"| {f['finding']} | {f['paper']} | {f['this_run']} | "
-                   f"{'held' if f['held'] else 'did not hold'} |" for f in found)
+  held = sum(f['verdict'] == 'held' for f in found)
+  rows = '\n'.join(f"| {f['finding']} | {f['paper']} | {f['this_run']} | {f['verdict']} |"
+                   for f in found)
   figures = '\n'.join(f'![{k}]({v})' for k, v in FIGURES.items())
   return f"""# GQA reproduction, preset `{p.name}`
 
@@ -146,8 +158,11 @@ Scores: the paper's metric per task (ROUGE-1 / BLEU / F1) on the validation spli
 
 ## The paper's findings at this scale ({held} of {len(found)} held)
 
-One seed per row: differences of a fraction of a point are within run-to-run noise at this
-scale, so a finding that "held" by a small margin is weak evidence either way.
+One seed per row: a quality gap of a fraction of a point is within run-to-run noise, so a
+finding that held or failed by a small margin is weak evidence either way. Quality claims whose
+scores lie within {QUALITY_TIE} points of each other are reported as no measurable difference
+(typically every model has collapsed to the same output: the scale is too small to learn the
+task).
 
 | Finding | Paper | This run | |
 |---|---|---|---|
