@@ -9,7 +9,7 @@ setuptools.setup(
     name="gqa_t5x",
     version="0.1.0",
     description="Grouped-query attention T5 (GQA paper reproduction) for T5X / Flax.",
-    python_requires=">=3.11,<3.12",
+    python_requires=">=3.11",
     # tasks/ ships as gqa_t5x.tasks so that `MIXTURE_OR_TASK_MODULE = "gqa_t5x.tasks"` works.
     packages=setuptools.find_packages(include=["gqa_t5x", "gqa_t5x.*"]) + ["gqa_t5x.tasks"],
     package_dir={"gqa_t5x.tasks": "tasks"},
@@ -30,10 +30,16 @@ setuptools.setup(
         "sacrebleu>=2.6,<3",
         "absl-py>=2.1",
         "msgpack>=1.0",
+        "etils[epath]",
         "matplotlib>=3.8,<4",
         # Also needed, installed --no-deps by tools/setup_env.sh: seqio==0.0.20,
         # tensorflow-text==2.21.1 (both would otherwise pull in the full `tensorflow`).
     ],
+    extras_require={
+        # The decode benchmark's peer (HuggingFace T5 on PyTorch). torch 2.13.0's CPU build is
+        # what was tested; a looser pin lets pip pick a multi-GB CUDA build.
+        "peer": ["torch==2.13.0", "transformers>=5.17,<6"],
+    },
     entry_points={
         "console_scripts": [
             "gqa-t5x-demo = gqa_t5x.demo:main",
@@ -42,6 +48,7 @@ setuptools.setup(
             "gqa-t5x-train = gqa_t5x.train:main",
             "gqa-t5x-eval = gqa_t5x.eval:main",
             "gqa-t5x-infer = gqa_t5x.infer:main",
+            "gqa-t5x-reproduce = gqa_t5x.reproduce.cli:main",
         ],
     },
 )

@@ -19,12 +19,11 @@ from absl import flags
 from absl import logging
 from etils import epath
 
+from gqa_t5x import gin_flags
 from gqa_t5x.checkpoints import legacy_format, orbax_format, plan, pooling
 from gqa_t5x.checkpoints.base import Checkpoint, CheckpointError
 
 RECORD_FILE = 'gqa_conversion.json'
-_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        'gin_configs')
 
 _INPUT = flags.DEFINE_string('input', None, 'MHA checkpoint directory (checkpoint_<step>).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Directory to create, e.g. .../checkpoint_<step>.')
@@ -36,10 +35,6 @@ _PER_KIND = {kind: flags.DEFINE_integer(f'num_{kind}_kv_heads', None,
                                         f'G for {kind} attention only (overrides the above).')
              for kind in plan.KIND_NAMES}
 _HEAD_DIM = flags.DEFINE_integer('head_dim', None, 'Head dimension (default 64, T5.1.1).')
-_GIN_FILES = flags.DEFINE_multi_string(
-    'gin_file', [], 'Model gin(s) binding network.T5Config: head_dim and kv heads come from it.')
-_GIN_BINDINGS = flags.DEFINE_multi_string('gin_bindings', [], 'Extra gin bindings.')
-_GIN_SEARCH_PATHS = flags.DEFINE_list('gin_search_paths', [_GIN_DIR], 'Where gin includes live.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of --method=random.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace --output if it exists.')
 
@@ -131,14 +126,14 @@ class Progress:
 
 def _model_config():
   """The T5Config of the --gin_file(s), or None (then only flags apply)."""
-  if not _GIN_FILES.value:
+  if not gin_flags.GIN_FILES.value:
     return None
   import gin  # pylint: disable=g-import-not-at-top  (only needed with --gin_file)
   from gqa_t5x import network  # pylint: disable=g-import-not-at-top
-  for path in _GIN_SEARCH_PATHS.value:
+  for path in gin_flags.GIN_SEARCH_PATHS.value:
     gin.add_config_file_search_path(path)
   try:
-    gin.parse_config_files_and_bindings(_GIN_FILES.value, _GIN_BINDINGS.value)
+    gin.parse_config_files_and_bindings(gin_flags.GIN_FILES.value, gin_flags.GIN_BINDINGS.value)
     return gin.get_configurable(network.T5Config)()
   except (OSError, TypeError, ValueError) as e:
     message = str(e).splitlines()[0]

@@ -1,7 +1,6 @@
 """T5X's gin command line (--gin_file, --gin_bindings, --gin.NAME=value, --gin_search_paths),
 plus the macro checks T5X lacks: a misspelt or missing macro fails before any work starts."""
 import importlib
-import os
 import re
 import sys
 from typing import Callable, Sequence
@@ -9,17 +8,11 @@ from typing import Callable, Sequence
 from absl import app, flags, logging
 import gin
 
-import gqa_t5x
 from gqa_t5x import errors
+from gqa_t5x import gin_flags
 
-DEFAULT_SEARCH_PATHS = (os.path.join(os.path.dirname(os.path.dirname(gqa_t5x.__file__)),
-                                     'gin_configs'), '.')
+DEFAULT_SEARCH_PATHS = gin_flags.DEFAULT_SEARCH_PATHS
 
-flags.DEFINE_multi_string('gin_file', [], 'Gin config files (repeatable), searched in '
-                          '--gin_search_paths; e.g. models/t5_1_1/small.gin runs/pretrain.gin.')
-flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings, e.g. "TRAIN_STEPS = 100".')
-flags.DEFINE_list('gin_search_paths', list(DEFAULT_SEARCH_PATHS),
-                  'Where --gin_file and include statements are looked up.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process runs.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
 flags.DEFINE_integer('process_id', None, 'This process index in a multi-process run.')
