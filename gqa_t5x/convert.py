@@ -19,7 +19,7 @@ from absl import flags
 from absl import logging
 from etils import epath
 
-from gqa_t5x import gin_flags
+from gqa_t5x import common_flags
 from gqa_t5x.checkpoints import legacy_format, orbax_format, plan, pooling
 from gqa_t5x.checkpoints.base import Checkpoint, CheckpointError
 
@@ -34,8 +34,6 @@ _KV_HEADS = flags.DEFINE_integer(
 _PER_KIND = {kind: flags.DEFINE_integer(f'num_{kind}_kv_heads', None,
                                         f'G for {kind} attention only (overrides the above).')
              for kind in plan.KIND_NAMES}
-_HEAD_DIM = flags.DEFINE_integer('head_dim', None, 'Head dimension (default 64, T5.1.1).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of --method=random.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace --output if it exists.')
 
 
@@ -126,14 +124,14 @@ class Progress:
 
 def _model_config():
   """The T5Config of the --gin_file(s), or None (then only flags apply)."""
-  if not gin_flags.GIN_FILES.value:
+  if not common_flags.GIN_FILES.value:
     return None
   import gin  # pylint: disable=g-import-not-at-top  (only needed with --gin_file)
   from gqa_t5x import network  # pylint: disable=g-import-not-at-top
-  for path in gin_flags.GIN_SEARCH_PATHS.value:
+  for path in common_flags.GIN_SEARCH_PATHS.value:
     gin.add_config_file_search_path(path)
   try:
-    gin.parse_config_files_and_bindings(gin_flags.GIN_FILES.value, gin_flags.GIN_BINDINGS.value)
+    gin.parse_config_files_and_bindings(common_flags.GIN_FILES.value, common_flags.GIN_BINDINGS.value)
     return gin.get_configurable(network.T5Config)()
   except (OSError, TypeError, ValueError) as e:
     message = str(e).splitlines()[0]
@@ -167,12 +165,12 @@ def _run(argv) -> None:
     if not flag.value:
       raise CheckpointError(f'--{flag.name} is required')
   config = _model_config()
-  head_dim = _HEAD_DIM.value or (config.head_dim if config else 64)
-  if config is not None and _HEAD_DIM.value and _HEAD_DIM.value != config.head_dim:
-    raise CheckpointError(f'--head_dim={_HEAD_DIM.value} contradicts the gin config\'s '
+  head_dim = common_flags.HEAD_DIM.value or (config.head_dim if config else 64)
+  if config is not None and common_flags.HEAD_DIM.value and common_flags.HEAD_DIM.value != config.head_dim:
+    raise CheckpointError(f'--head_dim={common_flags.HEAD_DIM.value} contradicts the gin config\'s '
                           f'head_dim {config.head_dim}')
   record = convert(_INPUT.value, _OUTPUT.value, _requested_kv_heads(config), head_dim=head_dim,
-                   method=_METHOD.value, seed=_SEED.value, overwrite=_OVERWRITE.value,
+                   method=_METHOD.value, seed=common_flags.SEED.value, overwrite=_OVERWRITE.value,
                    num_heads=config.num_heads if config else None)
   print(json.dumps(record, indent=2))
 

@@ -1,5 +1,7 @@
 """A one-minute look at the model: a T5.1.1 (tiny by default) as MHA, GQA-2, MQA; forward + decode.
 
+  python -m gqa_t5x.demo [--gin_file=models/t5_1_1/small.gin] [--kv_heads=8,2,1]
+
 Prints the parameter count, decoder KV-cache bytes per token, the teacher-forced loss and the
 greedy outputs of each attention kind (random weights: the point is the mechanics, not the text).
 """
@@ -13,11 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import gqa_t5x
+from gqa_t5x import common_flags
 from gqa_t5x.decoding import greedy_decode
 from gqa_t5x.network import T5Config, Transformer
 
-_GIN_FILE = flags.DEFINE_string('gin_file', 'models/t5_1_1/tiny.gin', 'Model gin file.')
-_KV_HEADS = flags.DEFINE_list('kv_heads', ['8', '2', '1'], 'Decoder kv-head counts G to build.')
 _DECODE_LENGTH = flags.DEFINE_integer('decode_length', 16, 'Greedy decode length.')
 
 
@@ -37,10 +38,11 @@ def kv_cache_bytes_per_token(cfg: T5Config, bytes_per_value: int = 4) -> int:
 def main(argv):
   del argv
   rng = np.random.default_rng(0)
-  print(f'jax {jax.__version__} on {jax.devices()[0].platform}; {_GIN_FILE.value}, batch 4, '
+  gin_file = (common_flags.GIN_FILES.value or ['models/t5_1_1/tiny.gin'])[0]
+  print(f'jax {jax.__version__} on {jax.devices()[0].platform}; {gin_file}, batch 4, '
         f'input 32 tokens')
-  for kv_heads in map(int, _KV_HEADS.value):
-    cfg = model_config(_GIN_FILE.value, kv_heads)
+  for kv_heads in map(int, common_flags.KV_HEADS.value or ['8', '2', '1']):
+    cfg = model_config(gin_file, kv_heads)
     inputs = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(4, 32)), jnp.int32)
     targets = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(4, _DECODE_LENGTH.value)),
                           jnp.int32)

@@ -9,9 +9,9 @@ from absl import app, flags, logging
 import gin
 
 from gqa_t5x import errors
-from gqa_t5x import gin_flags
+from gqa_t5x import common_flags
 
-DEFAULT_SEARCH_PATHS = gin_flags.DEFAULT_SEARCH_PATHS
+DEFAULT_SEARCH_PATHS = common_flags.DEFAULT_SEARCH_PATHS
 
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process runs.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')

@@ -17,6 +17,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from gqa_t5x import common_flags
 from gqa_t5x.attention import check_kv_heads
 from gqa_t5x.benchmark import attention_step, decode, peer, report, roofline, timing
 
@@ -25,10 +26,7 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 FILE_STEM = 'decode_benchmark'
 
 _LEVELS = flags.DEFINE_list('levels', list(LEVELS), f'Which of {LEVELS} to time.')
-_KV_HEADS = flags.DEFINE_list('kv_heads', [], 'Key/value head counts G (each must divide '
-                              '--num_heads); default H, H/2, ..., 1.')
 _NUM_HEADS = flags.DEFINE_integer('num_heads', 64, 'Query heads H (XXL: 64).', lower_bound=1)
-_HEAD_DIM = flags.DEFINE_integer('head_dim', 64, 'Head dimension (T5: 64).', lower_bound=1)
 _EMB_DIM = flags.DEFINE_integer('emb_dim', 4096, 'Model width (XXL: 4096).', lower_bound=1)
 _MLP_DIM = flags.DEFINE_integer('mlp_dim', 10240, 'MLP width (XXL: 10240).', lower_bound=1)
 _VOCAB = flags.DEFINE_integer('vocab_size', 32128, 'Vocabulary (T5: 32128).', lower_bound=3)
@@ -56,9 +54,13 @@ _BANDWIDTH_MIB = flags.DEFINE_integer('bandwidth_mib', 1024, 'Buffer for the rea
 _MATMUL_N = flags.DEFINE_integer('matmul_n', 2048, 'Side of the square matmul that measures '
                                  'the compute roof (large enough to hide dispatch: 8192 on GPUs).',
                                  lower_bound=64)
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', '', 'Where to write JSON/Markdown/PNG; '
-                                  'empty: print only.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the random weights, cache and inputs.')
+# Shared with the other commands (common_flags): --kv_heads (default H, H/2, ..., 1),
+# --head_dim (default 64), --seed, --output_dir (JSON/Markdown/PNG; unset: print only).
+_KV_HEADS, _SEED, _OUTPUT_DIR = common_flags.KV_HEADS, common_flags.SEED, common_flags.OUTPUT_DIR
+
+
+def _head_dim() -> int:
+  return common_flags.HEAD_DIM.value or 64
 
 
 def _kv_heads(num_heads: int, requested: list[str]) -> list[int]:
@@ -141,7 +143,7 @@ def _geometry(kv_heads: int, dtype: str) -> roofline.Geometry:
   return roofline.Geometry(
       batch=_BATCH.value, input_length=_INPUT_LENGTH.value, output_length=_OUTPUT_LENGTH.value,
       emb_dim=_EMB_DIM.value, num_heads=_NUM_HEADS.value, kv_heads=kv_heads,
-      head_dim=_HEAD_DIM.value, mlp_dim=_MLP_DIM.value, vocab_size=_VOCAB.value,
+      head_dim=_head_dim(), mlp_dim=_MLP_DIM.value, vocab_size=_VOCAB.value,
       num_decoder_layers=_DECODER_LAYERS.value,
       bytes_per_element=roofline.bytes_per_element(jnp.dtype(dtype)))
 
@@ -177,10 +179,11 @@ def benchmark(write_outputs=None) -> dict:
           f'{bandwidth / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f}; peer: '
           f'{peer_version}', flush=True)
     document = {
-        'settings': {name: flags.FLAGS[name].value for name in (
-            'levels', 'kv_heads', 'num_heads', 'head_dim', 'emb_dim', 'mlp_dim', 'vocab_size',
+        'settings': {**{name: flags.FLAGS[name].value for name in (
+            'levels', 'kv_heads', 'num_heads', 'emb_dim', 'mlp_dim', 'vocab_size',
             'num_decoder_layers', 'num_encoder_layers', 'input_length', 'output_length',
             'batch', 'dtypes', 'warmup', 'reps', 'bandwidth_mib', 'matmul_n', 'seed')},
+                     'head_dim': _head_dim()},
         'machine': {'platform': device.platform, 'device_kind': device.device_kind,
                     'jax': jax.__version__, 'python': platform.python_version(),
                     'cpu_count': os.cpu_count(), 'load_average_start': os.getloadavg()},

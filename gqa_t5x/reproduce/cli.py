@@ -12,14 +12,14 @@ import sys
 from absl import app
 from absl import flags
 
+from gqa_t5x import common_flags
 from gqa_t5x import errors
 from gqa_t5x.reproduce import pipeline, presets, report, stages
 
 _PRESET = flags.DEFINE_enum('preset', 'cpu', list(presets.PRESETS),
                             'Sizes: ' + '; '.join(f'{p.name}: {p.description}'
                                                   for p in presets.PRESETS.values()))
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Results go here, stage outputs under '
-                                  'its work/ (default results/<preset>).')
+_OUTPUT_DIR = common_flags.OUTPUT_DIR  # results/<preset> when unset
 _SUBPROCESS = flags.DEFINE_bool('subprocess', False, 'Run training and evaluation stages as '
                                 'separate `python -m` processes too (slower: imports each time).')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print every stage command and whether it is '
