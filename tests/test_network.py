@@ -242,7 +242,7 @@ def test_sharded_forward_backward_on_2x4_mesh_matches_one_device(kv_heads):
   q_spec = param_shardings['decoder']['layers_0']['self_attention']['query']['kernel'].spec
   assert tuple(q_spec) == (None, axes.MODEL_AXIS)  # query heads stay sharded
 
-  with mesh, flax.linen.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
     step = jax.jit(jax.value_and_grad(lambda p, *b: loss_fn(model, p, *b)),
                    in_shardings=(param_shardings, batch_sharding, batch_sharding, batch_sharding),
                    out_shardings=(None, param_shardings))
