@@ -16,9 +16,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gqa_t5x import errors
+from gqa_t5x.checkpoints import orbax_format
 
 PyTree = Any
-ITEM = 'state'  # T5X's Orbax checkpoints keep the tree in checkpoint_<step>/state/
+ITEM = orbax_format.STATE_DIR  # T5X's Orbax checkpoints keep the tree in checkpoint_<step>/state/
 DATASET_ITEM = 'dataset'  # {'position': batches consumed}: where a resumed run's data continues
 STEP_PREFIX = 'checkpoint'
 CONVERT_HINT = ('convert it first with gqa-t5x-convert (which mean-pools key/value heads into '
@@ -65,10 +66,8 @@ def restore_latest(mngr: ocp.CheckpointManager,
 
 def resolve(path: str, what: str) -> epath.Path:
   """checkpoint_<step>/ (or its state/ item) -> the Orbax item directory; clear error if absent."""
-  directory = epath.Path(path)
-  if (directory / ITEM / '_METADATA').exists():
-    return directory / ITEM
-  if (directory / '_METADATA').exists():
+  directory = orbax_format.tree_dir(epath.Path(path))
+  if directory is not None:
     return directory
   raise errors.ConfigError(
       f'{what}={path!r} is not an Orbax checkpoint (no {ITEM}/_METADATA inside): pass a '
@@ -117,9 +116,9 @@ def load_params(path: str, abstract_params: PyTree, what: str) -> tuple[PyTree, 
   directory = resolve(path, what)
   stored = stored_shapes(directory)
   check_shapes(stored, {'target': abstract_params}, directory)
-  extra = sorted(n for n in stored if n.startswith('target/')
-                 and n not in {_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-                     {'target': abstract_params})[0]})
+  expected = {_name(p) for p, _ in
+              jax.tree_util.tree_flatten_with_path({'target': abstract_params})[0]}
+  extra = sorted(n for n in stored if n.startswith('target/') and n not in expected)
   if extra:
     raise errors.ConfigError(f'Checkpoint {directory} has parameter {extra[0]} that the configured model '
                      f'lacks: {CONVERT_HINT}.')

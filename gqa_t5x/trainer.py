@@ -79,8 +79,9 @@ class Trainer:
 
   def init_state(self, seed: int, params: Optional[PyTree] = None, step: int = 0) -> TrainState:
     """A fresh state (random parameters from seed, unless given) placed by the shardings."""
-    def init(rng):
-      init_params = params
+    # Loaded params go in as an argument: read from the closure, jit would bake every weight
+    # into the compiled program as a constant.
+    def init(rng, init_params):
       if init_params is None:
         init_params = self.model.init(rng, *_init_tokens(), enable_dropout=False)['params']
       # optax schedules and Adafactor's decay read their own step counts: start them at the
@@ -89,7 +90,7 @@ class Trainer:
                                             count=jnp.asarray(step, jnp.int32))
       return TrainState(jnp.asarray(step, jnp.int32), init_params, opt_state)
     jitted = jax.jit(init, out_shardings=self.state_shardings)
-    return self._under_rules(jitted, jax.random.key(seed))
+    return self._under_rules(jitted, jax.random.key(seed), params)
 
   def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     return self._under_rules(self._train_step, state, batch)
