@@ -12,7 +12,6 @@ unless --keep.
 """
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys

@@ -41,3 +41,16 @@ class Checkpoint:
   format: str
   params: dict[str, LazyTensor]
   step: np.ndarray
+
+
+def flatten(tree: dict, prefix: str = '', is_leaf=lambda value: False):
+  """Yields ('encoder/layers_0/attention/key/kernel', leaf) for a nested dict of a checkpoint.
+
+  None (T5X's placeholder for an absent leaf) is skipped; `is_leaf` keeps a dict whole (e.g. a
+  tensorstore spec).
+  """
+  for key, value in tree.items():
+    if isinstance(value, dict) and not is_leaf(value):
+      yield from flatten(value, f'{prefix}{key}/', is_leaf)
+    elif value is not None:
+      yield f'{prefix}{key}', value

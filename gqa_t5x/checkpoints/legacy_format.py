@@ -16,7 +16,7 @@ import tensorstore as ts
 from etils import epath
 from flax import serialization
 
-from gqa_t5x.checkpoints.base import Checkpoint, CheckpointError, LazyTensor
+from gqa_t5x.checkpoints.base import Checkpoint, CheckpointError, LazyTensor, flatten
 
 MSGPACK_FILE = 'checkpoint'
 
@@ -36,7 +36,7 @@ def read(path: epath.Path) -> Checkpoint:
   if not isinstance(optimizer, dict) or 'target' not in optimizer:
     raise CheckpointError(f"{msgpack_path} has no 'optimizer/target' parameter tree; "
                           'expected a T5X checkpoint written by t5x.checkpoints.Checkpointer')
-  leaves = dict(_flatten(optimizer['target']))
+  leaves = dict(flatten(optimizer['target'], is_leaf=_is_ts_spec))
   context = ts.Context()
   opened = {name: ts.open(_absolute_spec(leaf, os.fspath(path)), open=True, read=True,
                           context=context)
@@ -74,18 +74,6 @@ def _read_by_chunk(store: ts.TensorStore) -> np.ndarray:
 
 def _is_ts_spec(leaf) -> bool:
   return isinstance(leaf, dict) and 'driver' in leaf and 'kvstore' in leaf
-
-
-def _flatten(tree, prefix=''):
-  """Yields ('encoder/layers_0/attention/key/kernel', leaf); a tensorstore spec is a leaf."""
-  for key, value in tree.items():
-    name = f'{prefix}{key}'
-    if value is None or (isinstance(value, dict) and not value):
-      continue  # T5X's placeholders for absent leaves.
-    if isinstance(value, dict) and not _is_ts_spec(value):
-      yield from _flatten(value, name + '/')
-    else:
-      yield name, value
 
 
 def _absolute_spec(spec: dict, directory: str) -> dict:

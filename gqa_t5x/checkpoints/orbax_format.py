@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from gqa_t5x.checkpoints.base import Checkpoint, CheckpointError, LazyTensor
+from gqa_t5x.checkpoints.base import Checkpoint, CheckpointError, LazyTensor, flatten
 
 STATE_DIR = 'state'
 _METADATA_FILE = '_METADATA'  # Orbax's PyTree metadata file.
@@ -39,18 +39,10 @@ def read(path: epath.Path) -> Checkpoint:
                           f"(top-level keys: {sorted(metadata)}); expected T5X's layout")
   params = {name: LazyTensor(tuple(meta.shape), np.dtype(meta.dtype),
                              _leaf_reader(directory, ('target',) + tuple(name.split('/'))))
-            for name, meta in _flatten(metadata['target'])}
+            for name, meta in flatten(metadata['target'])}
   step_meta = metadata.get('state', {}).get('step')
   step = _leaf_reader(directory, ('state', 'step'))() if step_meta is not None else 0
   return Checkpoint(os.fspath(path), 'Orbax (T5X state/ PyTree)', params, np.asarray(step))
-
-
-def _flatten(tree, prefix=''):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flatten(value, f'{prefix}{key}/')
-    elif value is not None:
-      yield f'{prefix}{key}', value
 
 
 def _leaf_reader(directory: epath.Path, keys: tuple[str, ...]) -> Callable[[], np.ndarray]:
