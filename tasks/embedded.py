@@ -33,12 +33,7 @@ def _lead_summaries(split, shuffle_files, seed=None):
 seqio.TaskRegistry.add(
     "gqa_embedded_span_corruption",
     source=seqio.FunctionDataSource(_documents, splits=corpus.SPLITS),
-    preprocessors=[
-        seqio.preprocessors.tokenize,
-        seqio.CacheDatasetPlaceholder(),
-        span_corruption.span_corruption,
-        seqio.preprocessors.append_eos_after_trim,
-    ],
+    preprocessors=span_corruption.token_preprocessors(),
     output_features=OUTPUT_FEATURES,
     metric_fns=[])
 

@@ -31,10 +31,7 @@ seqio.TaskRegistry.add(
                         "--beam_pipeline_options=...`)")),
     preprocessors=[
         functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-        seqio.preprocessors.tokenize,
-        seqio.CacheDatasetPlaceholder(),
-        span_corruption.span_corruption,
-        seqio.preprocessors.append_eos_after_trim,
+        *span_corruption.token_preprocessors(),
     ],
     output_features=OUTPUT_FEATURES,
     metric_fns=[])

@@ -164,3 +164,9 @@ def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
   dataset = split_into_pieces(dataset, tokens_length)
   return denoise_with_sentinels(dataset, output_features["targets"].vocabulary, noise_density,
                                 mean_noise_span_length)
+
+
+def token_preprocessors() -> list:
+  """tokenize -> cache -> span corruption -> EOS: the token pipeline of every span-corruption task."""
+  return [seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(), span_corruption,
+          seqio.preprocessors.append_eos_after_trim]

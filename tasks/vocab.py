@@ -41,6 +41,10 @@ def embedded_vocabulary(sentencepiece_model_file: Optional[str] = None,
   return seqio.SentencePieceVocabulary(sentencepiece_model_file, extra_ids=extra_ids)
 
 
+# (vocab_size, cache_dir) -> model path found or trained by this process.
+_MODEL_PATHS: dict[tuple[int, str], str] = {}
+
+
 def default_cache_dir() -> str:
   return os.environ.get("GQA_T5X_CACHE_DIR",
                         os.path.join(os.path.expanduser("~"), ".cache", "gqa_t5x"))
@@ -56,12 +60,16 @@ def embedded_sentencepiece_model(vocab_size: int = 1000, cache_dir: Optional[str
   """
   if not 100 <= vocab_size <= 32000:
     raise ValueError(f"vocab_size={vocab_size}: use 100..32000 SentencePiece pieces")
+  cache_dir = cache_dir or default_cache_dir()
+  known = _MODEL_PATHS.get((vocab_size, cache_dir))
+  if known and os.path.exists(known):  # every vocabulary use lands here: skip the corpus hash
+    return known
   sentences = [" ".join(paragraph.split())
                for doc in corpus.documents("train") for paragraph in doc.split("\n\n")]
   sentences = [s for s in sentences if s]
   digest = hashlib.sha256("\n".join(sentences).encode()).hexdigest()[:12]
-  cache_dir = cache_dir or default_cache_dir()
-  path = os.path.join(cache_dir, f"embedded_spm_{vocab_size}_{digest}.model")
+  path = _MODEL_PATHS[(vocab_size, cache_dir)] = os.path.join(
+      cache_dir, f"embedded_spm_{vocab_size}_{digest}.model")
   if os.path.exists(path):
     return path
   os.makedirs(cache_dir, exist_ok=True)
