@@ -126,13 +126,10 @@ def _model_config():
   """The T5Config of the --gin_file(s), or None (then only flags apply)."""
   if not common_flags.GIN_FILES.value:
     return None
-  import gin  # pylint: disable=g-import-not-at-top  (only needed with --gin_file)
-  from gqa_t5x import network  # pylint: disable=g-import-not-at-top
-  for path in common_flags.GIN_SEARCH_PATHS.value:
-    gin.add_config_file_search_path(path)
+  from gqa_t5x import gin_utils  # pylint: disable=g-import-not-at-top  (only with --gin_file)
   try:
-    gin.parse_config_files_and_bindings(common_flags.GIN_FILES.value, common_flags.GIN_BINDINGS.value)
-    return gin.get_configurable(network.T5Config)()
+    return gin_utils.model_config(common_flags.GIN_FILES.value, common_flags.GIN_BINDINGS.value,
+                                  common_flags.GIN_SEARCH_PATHS.value)
   except (OSError, TypeError, ValueError) as e:
     message = str(e).splitlines()[0]
     raise CheckpointError(f'--gin_file must configure gqa_t5x.network.T5Config: {message}') from e

@@ -9,13 +9,12 @@ import time
 
 from absl import app
 from absl import flags
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import gqa_t5x
 from gqa_t5x import common_flags
+from gqa_t5x import gin_utils
 from gqa_t5x.decoding import greedy_decode
 from gqa_t5x.network import T5Config, Transformer
 
@@ -24,10 +23,7 @@ _DECODE_LENGTH = flags.DEFINE_integer('decode_length', 16, 'Greedy decode length
 
 def model_config(gin_file: str, kv_heads: int) -> T5Config:
   """The T5Config a model gin file binds, with NUM_KV_HEADS = kv_heads."""
-  gin.clear_config()
-  gin.add_config_file_search_path(str(gqa_t5x.GIN_CONFIGS_DIR))
-  gin.parse_config_files_and_bindings([gin_file], [f'NUM_KV_HEADS = {kv_heads}'])
-  return gin.get_configurable(Transformer)().config
+  return gin_utils.model_config([gin_file], [f'NUM_KV_HEADS = {kv_heads}'])
 
 
 def kv_cache_bytes_per_token(cfg: T5Config, bytes_per_value: int = 4) -> int:

@@ -77,6 +77,20 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
   gin.finalize()
 
 
+def model_config(gin_files: Sequence[str], bindings: Sequence[str] = (),
+                 search_paths: Sequence[str] = DEFAULT_SEARCH_PATHS):
+  """The network.T5Config that model gin files bind; leaves gin's global config empty."""
+  from gqa_t5x import network  # pylint: disable=g-import-not-at-top  (jax only when needed)
+  gin.clear_config()
+  for path in search_paths:
+    gin.add_config_file_search_path(path)
+  try:
+    gin.parse_config_files_and_bindings(list(gin_files), list(bindings))
+    return gin.get_configurable(network.T5Config)()
+  finally:
+    gin.clear_config()
+
+
 def _import_task_module() -> None:
   """Imports MIXTURE_OR_TASK_MODULE now: a task module may register gin configurables, which gin
   refuses once the config is locked."""

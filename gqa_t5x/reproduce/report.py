@@ -37,9 +37,9 @@ def decode_times(plan: Plan) -> dict[int, float]:
           if r['level'] == 'decode' and r['implementation'] == 'gqa_t5x'}
 
 
-def collect(plan: Plan) -> list[dict]:
-  """One record per Table 1 row: scores per task, their average, T_infer."""
-  h, times, records = plan.preset.num_heads, decode_times(plan), []
+def collect(plan: Plan, times: dict) -> list[dict]:
+  """One record per Table 1 row: scores per task, their average, T_infer (from `times`)."""
+  h, records = plan.preset.num_heads, []
   for row in plan.rows:
     scores, primary, eval_ms = {}, {}, []
     for task, _ in plan.preset.finetune_tasks:
@@ -266,7 +266,8 @@ def _plots(plan: Plan, records, times, results_dir: str) -> None:
 def write(plan: Plan, results_dir: str) -> dict:
   """Writes table.md, results.json, results.csv and the figures; returns the JSON document."""
   os.makedirs(results_dir, exist_ok=True)
-  records, times = collect(plan), decode_times(plan)
+  times = decode_times(plan)
+  records = collect(plan, times)
   bad = [r['name'] for r in records if not math.isfinite(r['average'])]
   if bad:
     raise ValueError(f'non-finite scores for {bad}: see their eval directories under '

@@ -31,15 +31,16 @@ class Variant:
   kv_heads: int
   method: str = 'mean'
 
-  def name(self, num_heads: int) -> str:
-    kind = 'mha' if self.kv_heads == num_heads else 'mqa' if self.kv_heads == 1 else (
-        f'gqa{self.kv_heads}')
-    return kind if self.method == 'mean' else f'{kind}-{self.method}'
-
   def label(self, num_heads: int) -> str:
+    """'MHA', 'GQA-4', 'MQA (first)', ...: the row's name in tables and plots."""
     kind = 'MHA' if self.kv_heads == num_heads else 'MQA' if self.kv_heads == 1 else (
         f'GQA-{self.kv_heads}')
     return kind if self.method == 'mean' else f'{kind} ({self.method})'
+
+  def name(self, num_heads: int) -> str:
+    """'mha', 'gqa4', 'mqa-first', ...: the row's directory name."""
+    kind = self.label(num_heads).split(' ')[0].lower().replace('-', '')
+    return kind if self.method == 'mean' else f'{kind}-{self.method}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,15 +149,8 @@ def _gin_job(module: str, argv: list[str]) -> Callable[[], None]:
 @functools.lru_cache(maxsize=None)
 def model_config(model_gin: str, extra_bindings: tuple[str, ...]):
   """The T5Config the model gin describes (sizes for the benchmark), read without locking gin."""
-  import gin  # pylint: disable=g-import-not-at-top
-  from gqa_t5x import gin_utils, network  # pylint: disable=g-import-not-at-top
-  gin.clear_config()
-  for path in gin_utils.DEFAULT_SEARCH_PATHS:
-    gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings([model_gin], list(extra_bindings))
-  config = gin.get_configurable(network.T5Config)()
-  gin.clear_config()
-  return config
+  from gqa_t5x import gin_utils  # pylint: disable=g-import-not-at-top
+  return gin_utils.model_config([model_gin], extra_bindings)
 
 
 class Plan:
