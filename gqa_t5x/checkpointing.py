@@ -28,10 +28,12 @@ CONVERT_HINT = ('convert it first with gqa-t5x-convert (which mean-pools key/val
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-  """save_period: steps between checkpoints; keep: how many to keep (None: all)."""
+  """save_period: steps between checkpoints; keep: how many to keep (None: all); save_steps:
+  further steps to save (e.g. each uptraining proportion alpha of one run)."""
   save_period: int = 1000
   keep: Optional[int] = None
   asynchronous: bool = True
+  save_steps: tuple[int, ...] = ()
 
 
 def manager(model_dir: str, cfg: CheckpointConfig) -> ocp.CheckpointManager:

@@ -2,7 +2,7 @@
 import json
 import os
 import tempfile
-from typing import Callable, Optional
+from typing import Any, Callable, Collection, Optional, Sequence
 
 from absl import logging
 from flax import linen as nn
@@ -13,7 +13,10 @@ from gqa_t5x import checkpointing, data, summaries
 from gqa_t5x.evaluation import Evaluation
 from gqa_t5x.partitioning import Partitioner
 from gqa_t5x.predicting import Predictor
+from gqa_t5x.train_eval import TrainEvaluation
 from gqa_t5x.trainer import Progress, Trainer, TrainState, abstract_params, format_eta, to_host
+
+PyTree = Any
 
 
 def _partitioner(factory: Callable[..., Partitioner], model: nn.Module) -> Partitioner:
@@ -32,22 +35,56 @@ def train(*, model: nn.Module, train_dataset_cfg: data.DatasetConfig, train_step
           z_loss: float = 1e-4, label_smoothing: float = 0.0,
           loss_normalizing_factor: Optional[float] = None, log_period: int = 100,
           eval_period: Optional[int] = None,
-          infer_eval_dataset_cfg: Optional[data.DatasetConfig] = None) -> TrainState:
+          infer_eval_dataset_cfg: Optional[data.DatasetConfig] = None,
+          train_eval_dataset_cfg: Optional[data.DatasetConfig] = None) -> TrainState:
   """Trains to `train_steps` total steps, resuming from MODEL_DIR's newest checkpoint if any.
 
   Without a checkpoint in MODEL_DIR it starts from INITIAL_CHECKPOINT_PATH's parameters (and its
-  step, as T5X does: TRAIN_STEPS counts the steps already taken) or from random ones.
+  step, as T5X does: TRAIN_STEPS counts the steps already taken) or from random ones. Every
+  EVAL_PERIOD steps it scores the model as T5X does: greedy decoding on the infer-eval task's
+  metrics, and teacher-forced loss and accuracy on the train-eval task.
   """
   mesh_partitioner = _partitioner(partitioner, model)
   trainer = Trainer(model, optimizer(learning_rate), mesh_partitioner, z_loss=z_loss,
                     label_smoothing=label_smoothing,
-                    loss_normalizing_factor=loss_normalizing_factor, dropout_seed=random_seed)
+                    loss_normalizing_factor=loss_normalizing_factor)
+  evaluators = []
+  if eval_period and infer_eval_dataset_cfg:
+    evaluators.append(Evaluation(model, infer_eval_dataset_cfg, mesh_partitioner,
+                                 os.path.join(model_dir, 'inference_eval')))
+  if eval_period and train_eval_dataset_cfg:
+    evaluators.append(TrainEvaluation(trainer, train_eval_dataset_cfg))
+  state, _ = fit(trainer, train_dataset_cfg, train_steps, model_dir, learning_rate,
+                 checkpoint_cfg=checkpoint_cfg, initial_checkpoint_path=initial_checkpoint_path,
+                 random_seed=random_seed, log_period=log_period, eval_period=eval_period,
+                 evaluators=evaluators)
+  return state
+
+
+def fit(trainer: Trainer, dataset_cfg: data.DatasetConfig, train_steps: int, model_dir: str,
+        learning_rate: optax.Schedule, *,
+        checkpoint_cfg: checkpointing.CheckpointConfig = checkpointing.CheckpointConfig(),
+        initial_checkpoint_path: Optional[str] = None,
+        initial_params: Optional[tuple[PyTree, int]] = None, random_seed: int = 0,
+        log_period: int = 100, eval_period: Optional[int] = None,
+        eval_steps: Collection[int] = (),
+        evaluators: Sequence = ()) -> tuple[TrainState, dict[int, dict[str, float]]]:
+  """The training loop of `train`, on a Trainer built once and reused across runs.
+
+  The run starts from MODEL_DIR's newest checkpoint, else from `initial_params` (parameters and
+  their step, already in memory), else from `initial_checkpoint_path`, else from random
+  parameters. `evaluators` (objects with `run(params, step) -> scores`) run every `eval_period`
+  steps and at `eval_steps`; returns the final state and {step: scores} of this call's
+  evaluations.
+  """
   manager = checkpointing.manager(model_dir, checkpoint_cfg)
   restored = checkpointing.restore_latest(manager, trainer.abstract_state.to_checkpoint())
   if restored is not None:
     tree, data_position = restored
     state = TrainState.from_checkpoint(tree)
     logging.info('Resumed from %s at step %d', model_dir, int(state.step))
+  elif initial_params is not None:
+    state, data_position = trainer.init_state(random_seed, *initial_params), 0
   elif initial_checkpoint_path:
     params, step = checkpointing.load_params(
         initial_checkpoint_path, trainer.abstract_state.params, 'INITIAL_CHECKPOINT_PATH')
@@ -55,21 +92,20 @@ def train(*, model: nn.Module, train_dataset_cfg: data.DatasetConfig, train_step
     logging.info('Initialised from %s (step %d)', initial_checkpoint_path, int(state.step))
   else:
     state, data_position = trainer.init_state(random_seed), 0
-  step = int(state.step)
+  step, scores = int(state.step), {}
   if step >= train_steps:
     logging.info('Step %d already reaches TRAIN_STEPS=%d; nothing to train.', step, train_steps)
     manager.close()
-    return state
+    return state, scores
 
-  shard = data.process_shard(mesh_partitioner.mesh)
-  batches = data.train_batches(train_dataset_cfg, shard, start_step=data_position)
-  evaluation = (Evaluation(model, infer_eval_dataset_cfg, mesh_partitioner,
-                           os.path.join(model_dir, 'inference_eval'))
-                if eval_period and infer_eval_dataset_cfg else None)
+  partitioner = trainer.partitioner
+  batches = data.train_batches(dataset_cfg, data.process_shard(partitioner.mesh),
+                               start_step=data_position)
   writer = summaries.create_writer(os.path.join(model_dir, 'train'), 'metrics.jsonl')
   progress, window = Progress(step, train_steps), None
   while step < train_steps:
-    state, metrics = trainer.train_step(state, mesh_partitioner.shard_batch(next(batches)))
+    state, metrics = trainer.train_step(state, partitioner.shard_batch(next(batches)),
+                                        random_seed)
     step, data_position = step + 1, data_position + 1
     window = metrics if window is None else jax.tree.map(lambda a, b: a + b, window, metrics)
     if step % log_period == 0 or step == train_steps:
@@ -81,13 +117,14 @@ def train(*, model: nn.Module, train_dataset_cfg: data.DatasetConfig, train_step
                    format_eta(report['timing/eta_seconds']))
       window = None
     checkpointing.save(manager, step, state.to_checkpoint(), data_position,
-                       force=step == train_steps)
-    if evaluation and step % eval_period == 0:
-      writer.write_scalars(step, evaluation.run(state.params, step))
+                       force=step == train_steps or step in checkpoint_cfg.save_steps)
+    if evaluators and (step in eval_steps or eval_period and step % eval_period == 0):
+      scores[step] = {k: v for e in evaluators for k, v in e.run(state.params, step).items()}
+      writer.write_scalars(step, scores[step])
   manager.wait_until_finished()
   manager.close()
   writer.close()
-  return state
+  return state, scores
 
 
 def _window_report(window: dict, step: int, learning_rate: optax.Schedule,

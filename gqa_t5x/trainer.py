@@ -48,16 +48,19 @@ def abstract_params(model: nn.Module, partitioner: Partitioner) -> tuple[PyTree,
 
 
 class Trainer:
-  """Owns the shardings of a run and the jitted init and train-step functions."""
+  """Owns the shardings of a run and the jitted init and train-step functions.
+
+  Seeds, steps and parameters are arguments of the compiled functions, not constants baked into
+  them, so one Trainer serves every run of the same model and optimizer (the reproduction trains
+  dozens of rows and seeds on a few compiled programs).
+  """
 
   def __init__(self, model: nn.Module, optimizer: optax.GradientTransformation,
                partitioner: Partitioner, *, z_loss: float = 1e-4,
-               label_smoothing: float = 0.0, loss_normalizing_factor: Optional[float] = None,
-               dropout_seed: int = 0):
+               label_smoothing: float = 0.0, loss_normalizing_factor: Optional[float] = None):
     self.model, self.optimizer, self.partitioner = model, optimizer, partitioner
     self._loss_kwargs = dict(z_loss=z_loss, label_smoothing=label_smoothing,
                              loss_normalizing_factor=loss_normalizing_factor)
-    self._dropout_seed = dropout_seed
     self.abstract_params, params_shardings = abstract_params(model, partitioner)
     abstract_opt_state = jax.eval_shape(optimizer.init, self.abstract_params)
     self.state_shardings = TrainState(
@@ -69,9 +72,11 @@ class Trainer:
         TrainState(jax.ShapeDtypeStruct((), jnp.int32), self.abstract_params, abstract_opt_state),
         self.state_shardings)
     self._train_step = jax.jit(self._step, in_shardings=(self.state_shardings,
-                                                         partitioner.batch_sharding),
+                                                         partitioner.batch_sharding,
+                                                         partitioner.replicated),
                                out_shardings=(self.state_shardings, partitioner.replicated),
                                donate_argnums=(0,))
+    self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
 
   def _under_rules(self, fn: Callable, *args):
     with jax.set_mesh(self.partitioner.mesh), nn.logical_axis_rules(self.partitioner.rules):
@@ -81,23 +86,25 @@ class Trainer:
     """A fresh state (random parameters from seed, unless given) placed by the shardings."""
     # Loaded params go in as an argument: read from the closure, jit would bake every weight
     # into the compiled program as a constant.
-    def init(rng, init_params):
-      if init_params is None:
-        init_params = self.model.init(rng, *_init_tokens(), enable_dropout=False)['params']
-      # optax schedules and Adafactor's decay read their own step counts: start them at the
-      # checkpoint's step, as T5X's optimizer does (uptraining from step 1M runs at 1/sqrt(1M)).
-      opt_state = optax.tree_utils.tree_set(self.optimizer.init(init_params),
-                                            count=jnp.asarray(step, jnp.int32))
-      return TrainState(jnp.asarray(step, jnp.int32), init_params, opt_state)
-    jitted = jax.jit(init, out_shardings=self.state_shardings)
-    return self._under_rules(jitted, jax.random.key(seed), params)
+    return self._under_rules(self._init, jax.random.key(seed), params,
+                             jnp.asarray(step, jnp.int32))
 
-  def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    return self._under_rules(self._train_step, state, batch)
+  def _init_state(self, rng, params, step) -> TrainState:
+    if params is None:
+      params = self.model.init(rng, *_init_tokens(), enable_dropout=False)['params']
+    # optax schedules and Adafactor's decay read their own step counts: start them at the
+    # checkpoint's step, as T5X's optimizer does (uptraining from step 1M runs at 1/sqrt(1M)).
+    opt_state = optax.tree_utils.tree_set(self.optimizer.init(params), count=step)
+    return TrainState(step, params, opt_state)
 
-  def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def train_step(self, state: TrainState, batch: dict,
+                 dropout_seed: int = 0) -> tuple[TrainState, dict]:
+    return self._under_rules(self._train_step, state, batch,
+                             jnp.asarray(dropout_seed, jnp.uint32))
+
+  def _step(self, state: TrainState, batch: dict, dropout_seed) -> tuple[TrainState, dict]:
     # Dropout keys depend only on (seed, step): a resumed run draws the same masks.
-    rng = jax.random.fold_in(jax.random.key(self._dropout_seed), state.step)
+    rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
 
     def loss_fn(params):
       logits = self.model.apply(

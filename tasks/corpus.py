@@ -6,6 +6,7 @@ modules, in a fixed order, and split into train/validation by a hash of the text
 is the same in every fresh process. Pure Python.
 """
 import ast
+import collections
 import functools
 import os
 import re
@@ -65,6 +66,49 @@ def documents(split: str) -> list:
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _paragraphs(split: str, min_words: int, max_words: int) -> list:
+  """Paragraphs of the split's docstrings, whitespace collapsed, within the word bounds."""
+  out = []
+  for doc in documents(split):
+    for paragraph in re.split(r"\n\s*\n", doc):
+      paragraph = " ".join(paragraph.split())
+      if min_words <= len(paragraph.split()) <= max_words:
+        out.append(paragraph)
+  return out
+
+
+# The blank is T5's first sentinel and the answer is written as span corruption writes a span,
+# so that fine-tuning starts from what pre-training taught: filling a sentinel from context.
+CLOZE_BLANK = "<extra_id_0>"
+CLOZE_ANSWER = "<extra_id_0> {} <extra_id_1>"
+_CLOZE_WINDOW = 6  # words of the sentence kept on each side of the blank
+_CLOZE_PER_PARAGRAPH = 3
+
+
+def cloze_qa_examples(split: str) -> list:
+  """(question-and-context, answer) pairs: extractive QA whose answer is a word of the context.
+
+  The question is a window of the paragraph with one word blanked out; the context is the whole
+  paragraph, so the answer is always present and must be found by matching the question's words
+  against the context (as TriviaQA's answer must be found in its evidence). Answers are
+  alphabetic words of at least 4 letters that occur once in their paragraph, up to three per
+  paragraph of 12-45 words, chosen by a hash of the paragraph: the same examples in every process.
+  Neither a constant answer nor the context's first words can score well.
+  """
+  pairs = []
+  for paragraph in _paragraphs(split, 12, 45):
+    words = paragraph.split()
+    counts = collections.Counter(words)
+    candidates = [i for i, w in enumerate(words) if w.isalpha() and len(w) >= 4 and counts[w] == 1]
+    start = zlib.crc32(paragraph.encode())
+    for j in range(min(_CLOZE_PER_PARAGRAPH, len(candidates))):
+      i = candidates[(start + 7919 * j) % len(candidates)]
+      lo, hi = max(0, i - _CLOZE_WINDOW), min(len(words), i + _CLOZE_WINDOW + 1)
+      question = " ".join(words[lo:i] + [CLOZE_BLANK] + words[i + 1:hi])
+      pairs.append((f"question: {question} context: {paragraph}", words[i]))
+  return pairs
 
 
 def lead_summary_pairs(split: str) -> list:

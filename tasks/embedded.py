@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from gqa_t5x import metrics
 from gqa_t5x.tasks import corpus
+from gqa_t5x.tasks import preprocessors
 from gqa_t5x.tasks import span_corruption
 from gqa_t5x.tasks import vocab
 
@@ -23,6 +24,14 @@ def _documents(split, shuffle_files, seed=None):
   return tf.data.Dataset.from_tensor_slices({"targets": corpus.documents(split)})
 
 
+def _cloze_questions(split, shuffle_files, seed=None):
+  del shuffle_files, seed
+  questions, answers = zip(*corpus.cloze_qa_examples(split))
+  return tf.data.Dataset.from_tensor_slices({
+      "inputs": list(questions), "targets": [corpus.CLOZE_ANSWER.format(a) for a in answers],
+      "answers": [[a] for a in answers]})
+
+
 def _lead_summaries(split, shuffle_files, seed=None):
   del shuffle_files, seed
   paragraphs, first_sentences = zip(*corpus.lead_summary_pairs(split))
@@ -36,6 +45,18 @@ seqio.TaskRegistry.add(
     preprocessors=span_corruption.token_preprocessors(),
     output_features=OUTPUT_FEATURES,
     metric_fns=[])
+
+seqio.TaskRegistry.add(
+    "gqa_embedded_cloze_qa",
+    source=seqio.FunctionDataSource(_cloze_questions, splits=corpus.SPLITS),
+    preprocessors=[
+        seqio.preprocessors.tokenize,
+        seqio.CacheDatasetPlaceholder(),
+        seqio.preprocessors.append_eos_after_trim,
+    ],
+    postprocess_fn=preprocessors.cloze_qa_postprocess,
+    output_features=OUTPUT_FEATURES,
+    metric_fns=[metrics.trivia_qa])
 
 seqio.TaskRegistry.add(
     "gqa_embedded_lead_summary",

@@ -126,6 +126,7 @@ def measure_row(level: str, implementation: str, g: roofline.Geometry, dtype: st
   return {
       'level': level, 'implementation': implementation, 'dtype': dtype, 'kv_heads': g.kv_heads,
       'median_s': t.median_s, 'min_s': t.min_s, 'max_s': t.max_s, 'reps': t.reps,
+      'times_s': list(t.times_s),
       'spread': t.spread, 'time_per_sample_s': t.median_s / g.batch,
       'bytes_per_step': step_bytes, 'flops_per_step': flops / (1 if level == 'attention'
                                                                else g.output_length),

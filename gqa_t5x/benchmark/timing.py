@@ -6,11 +6,12 @@ import time
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-  """Wall-clock seconds of `reps` timed calls (after warm-up): median and the range."""
+  """Wall-clock seconds of `reps` timed calls (after warm-up): median, range and each call."""
   median_s: float
   min_s: float
   max_s: float
   reps: int
+  times_s: tuple[float, ...] = ()
 
   @property
   def spread(self) -> float:
@@ -33,4 +34,4 @@ def time_call(fn, warmup: int = 1, reps: int = 5) -> Timing:
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-  return Timing(statistics.median(times), min(times), max(times), reps)
+  return Timing(statistics.median(times), min(times), max(times), reps, tuple(times))

@@ -15,7 +15,7 @@ def format_duration(seconds: float) -> str:
       f'{seconds // 60}m{seconds % 60:02d}s')
 
 
-def run(plan: Plan, use_subprocess: bool, env: dict, log: Callable[[str], None] = print) -> dict:
+def run(plan: Plan, log: Callable[[str], None] = print) -> dict:
   """Runs every unfinished stage; returns {'ran': [names], 'reused': [names], 'seconds': total}."""
   stages = plan.stages
   finished = {s.name for s in stages if s.is_done()}
@@ -31,8 +31,8 @@ def run(plan: Plan, use_subprocess: bool, env: dict, log: Callable[[str], None] 
       continue
     left = sum(s.estimate_s for s in pending[len(ran):]) * (spent / estimated if estimated else 1)
     log(f'[{i}/{len(stages)}] {stage.name}: starting; overall {len(ran)}/{len(pending)} done, '
-        f'ETA {format_duration(left)}\n    {stage.command()}')
-    seconds = stage.run(use_subprocess, env)
+        f'ETA {format_duration(left)}')
+    seconds = stage.run()
     spent, estimated = spent + seconds, estimated + stage.estimate_s
     ran.append(stage.name)
     log(f'[{i}/{len(stages)}] {stage.name}: finished in {format_duration(seconds)} '

@@ -19,10 +19,22 @@ def lengths(inputs: int, targets: int) -> Lengths:
 
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
-  """Geometry of the decode benchmark (gqa-t5x-benchmark) that gives T_infer per kv-head count."""
+  """The decode benchmark (gqa-t5x-benchmark) that gives T_infer per kv-head count.
+
+  Its head layout is the paper's XXL one (64 heads x 64) whatever the trained model's, so that the
+  key/value cache is what decoding reads most, as in the paper; width, depth and batch are what
+  the machine can hold. A row with G of the trained model's H heads is timed at the same number
+  of query heads per kv head: G * num_heads / H.
+  """
   input_length: int
   output_length: int
   batch: int
+  num_heads: int = 64
+  head_dim: int = 64
+  emb_dim: int = 512
+  mlp_dim: int = 1024
+  vocab_size: int = 32128
+  num_decoder_layers: int = 1
   reps: int = 3
 
 
@@ -34,7 +46,7 @@ class Preset:
   model_gin: str  # under gin_configs/, e.g. models/t5_1_1/tiny.gin
   num_heads: int  # H of model_gin; G = H is MHA, G = 1 is MQA
   gqa_groups: tuple[int, ...]  # G of the GQA rows; the first is the alpha sweep's GQA
-  pretrain_task: str
+  pretrain_task: str  # also the uptraining task, whose validation split gives held-out loss
   pretrain_lengths: Lengths
   pretrain_steps: int  # alpha is a fraction of these (the paper: 1M steps of T5.1.1)
   pretrain_batch: int
@@ -44,14 +56,17 @@ class Preset:
   finetune_batch: int
   eval_batch: int
   benchmark: Benchmark
+  seeds: tuple[int, ...] = (0, 1, 2)  # uptraining and fine-tuning data order and dropout
   alphas: tuple[float, ...] = (0.0, 0.05, 0.1)  # uptraining proportions (Figure 5)
   main_alpha: float = 0.05  # Table 1 and Figure 4 use this one
   ablation_methods: tuple[str, ...] = ('first', 'random')  # MQA conversions besides mean (Fig. 4)
   finetune_learning_rate: float = 0.001  # the paper's constant rate
-  seed: int = 0
+  finetune_checkpoints: int = 4  # periodic fine-tuning checkpoints, each scored; best reported
+  pretrain_seed: int = 0
   # A released MHA checkpoint to start from instead of pre-training (the paper: T5.1.1's).
   pretrained_checkpoint: Optional[str] = None
-  extra_bindings: tuple[str, ...] = ()  # e.g. NUM_PARTITIONS for a pod
+  extra_bindings: tuple[str, ...] = ()  # gin bindings of the model, e.g. VOCAB_SIZE
+  num_partitions: int = 1  # model-parallel devices per replica (a pod: 8)
   seconds_per_kilotoken: float = 0.02  # training cost prior, for the ETA before measurements
 
   def __post_init__(self):
@@ -59,37 +74,53 @@ class Preset:
       if not 1 < g < self.num_heads or self.num_heads % g:
         raise ConfigError(f'preset {self.name}: GQA group count {g} must divide num_heads='
                           f'{self.num_heads} and lie strictly between 1 (MQA) and H (MHA)')
-    if self.main_alpha not in self.alphas:
-      raise ConfigError(f'preset {self.name}: main_alpha {self.main_alpha} must be one of '
-                        f'alphas {self.alphas}')
+    if self.main_alpha not in self.alphas or 0.0 not in self.alphas:
+      raise ConfigError(f'preset {self.name}: alphas {self.alphas} must hold 0 and main_alpha '
+                        f'{self.main_alpha}')
+    if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
+      raise ConfigError(f'preset {self.name}: seeds {self.seeds} must be at least two distinct '
+                        'values (intervals need replicates)')
+    if self.benchmark.num_heads % self.num_heads:
+      raise ConfigError(f'preset {self.name}: the benchmark\'s {self.benchmark.num_heads} heads '
+                        f'must be a multiple of the model\'s {self.num_heads}')
+    if self.finetune_steps % self.finetune_checkpoints:
+      raise ConfigError(f'preset {self.name}: finetune_steps {self.finetune_steps} must be a '
+                        f'multiple of finetune_checkpoints {self.finetune_checkpoints}')
 
   def uptrain_steps(self, alpha: float) -> int:
     """alpha of the pre-training steps; at least one step for any alpha > 0."""
     return max(1, round(alpha * self.pretrain_steps)) if alpha > 0 else 0
 
+  def benchmark_kv_heads(self, kv_heads: int) -> int:
+    """The benchmark's G with as many query heads per kv head as G of the trained model."""
+    return kv_heads * self.benchmark.num_heads // self.num_heads
+
 
 SMOKE = Preset(
     name='smoke',
-    description='Every stage at toy sizes, for the test suite (about a minute on 2 CPU cores).',
+    description='Every stage at toy sizes, for the test suite (about two minutes on 2 CPU '
+                'cores).',
     model_gin='models/t5_1_1/tiny.gin', num_heads=8, gqa_groups=(2,),
     pretrain_task='gqa_embedded_span_corruption', pretrain_lengths=lengths(32, 8),
     pretrain_steps=20, pretrain_batch=8, warmup_steps=10,
-    finetune_tasks=(('gqa_embedded_lead_summary', lengths(48, 16)),),
-    finetune_steps=4, finetune_batch=8, eval_batch=64,
-    benchmark=Benchmark(input_length=48, output_length=16, batch=8, reps=2),
-    alphas=(0.0, 0.1), main_alpha=0.1, seconds_per_kilotoken=0.05)
+    finetune_tasks=(('gqa_embedded_cloze_qa', lengths(64, 8)),),
+    finetune_steps=4, finetune_batch=8, eval_batch=256, finetune_checkpoints=2,
+    benchmark=Benchmark(input_length=64, output_length=4, batch=2, num_heads=16, head_dim=16,
+                        emb_dim=64, mlp_dim=64, vocab_size=256, reps=1),
+    seeds=(0, 1), alphas=(0.0, 0.1), main_alpha=0.1, seconds_per_kilotoken=0.05)
 
 CPU = Preset(
     name='cpu',
-    description='The default: tiny T5.1.1 (8 heads), embedded corpus and task; about 15 minutes '
-                'on 2 CPU cores.',
+    description='The default: tiny T5.1.1 (8 heads) pre-trained on the embedded corpus, '
+                'fine-tuned on embedded extractive QA, 3 seeds; about 25 minutes on 2 CPU cores.',
     model_gin='models/t5_1_1/tiny.gin', num_heads=8, gqa_groups=(2, 4),
     pretrain_task='gqa_embedded_span_corruption', pretrain_lengths=lengths(128, 32),
     pretrain_steps=600, pretrain_batch=32, warmup_steps=100,
-    finetune_tasks=(('gqa_embedded_lead_summary', lengths(128, 48)),),
-    finetune_steps=100, finetune_batch=16, eval_batch=64,
-    benchmark=Benchmark(input_length=128, output_length=48, batch=64),
-    finetune_learning_rate=0.003, seconds_per_kilotoken=0.06)
+    finetune_tasks=(('gqa_embedded_cloze_qa', lengths(128, 8)),),
+    finetune_steps=300, finetune_batch=32, eval_batch=256, finetune_checkpoints=3,
+    finetune_learning_rate=0.003,
+    benchmark=Benchmark(input_length=2048, output_length=32, batch=16),
+    seconds_per_kilotoken=0.06)
 
 GPU = Preset(
     name='gpu',
@@ -98,9 +129,10 @@ GPU = Preset(
     model_gin='models/t5_1_1/small.gin', num_heads=6, gqa_groups=(2, 3),
     pretrain_task='gqa_embedded_span_corruption', pretrain_lengths=lengths(512, 114),
     pretrain_steps=10000, pretrain_batch=64, warmup_steps=1000,
-    finetune_tasks=(('gqa_embedded_lead_summary', lengths(256, 64)),),
-    finetune_steps=1000, finetune_batch=64, eval_batch=110,
-    benchmark=Benchmark(input_length=2048, output_length=512, batch=32),
+    finetune_tasks=(('gqa_embedded_cloze_qa', lengths(256, 8)),),
+    finetune_steps=2000, finetune_batch=64, eval_batch=512,
+    benchmark=Benchmark(input_length=2048, output_length=512, batch=32, num_heads=48,
+                        emb_dim=4096, mlp_dim=10240, num_decoder_layers=2),
     extra_bindings=('VOCAB_SIZE = 1152',), seconds_per_kilotoken=0.0005)
 
 PAPER = Preset(
@@ -116,10 +148,12 @@ PAPER = Preset(
                     ('gqa_multi_news', lengths(2048, 512)),
                     ('gqa_wmt14_ende', lengths(512, 256)), ('gqa_trivia_qa', lengths(2048, 32))),
     finetune_steps=20000,  # the paper does not state it (it keeps the best dev checkpoint)
-    finetune_batch=128, eval_batch=256,
-    benchmark=Benchmark(input_length=2048, output_length=512, batch=32),
-    pretrained_checkpoint='gs://t5-data/pretrained_models/t5x/t5_1_1_xxl/checkpoint_1000000',
-    extra_bindings=('NUM_PARTITIONS = 8',), seconds_per_kilotoken=0.0002)
+    finetune_batch=128, eval_batch=256, finetune_checkpoints=20,
+    benchmark=Benchmark(input_length=2048, output_length=512, batch=32, emb_dim=4096,
+                        mlp_dim=10240, num_decoder_layers=24),
+    seeds=(0, 1), pretrained_checkpoint=(
+        'gs://t5-data/pretrained_models/t5x/t5_1_1_xxl/checkpoint_1000000'),
+    num_partitions=8, seconds_per_kilotoken=0.0002)
 
 PRESETS = {p.name: p for p in (SMOKE, CPU, GPU, PAPER)}
 

@@ -1,28 +1,45 @@
-"""The stage graph of a reproduction: pretrain -> convert -> uptrain -> finetune -> eval, plus
-the decode benchmark, each stage one invocation of a public command.
+"""The stage graph of a reproduction, and what each stage computes.
 
-Every stage is a command line of gqa-t5x-train / -eval / -convert / -benchmark (so a
-reproduction is also the product's end-to-end test, and any stage can be replayed by hand from
-its marker). A stage is done when its directory holds MARKER, written last and atomically; a
-half-finished training stage resumes from its newest checkpoint through the runner itself.
+  pretrain MHA -> held-out score of MHA
+  per converted variant and seed: convert (gqa-t5x-convert's plan) -> held-out score at alpha 0
+      -> uptrain, keeping a checkpoint and a held-out score at every alpha
+  per row (variant, alpha), seed and task: fine-tune, score every periodic checkpoint on the
+      validation split by greedy decoding, keep the best (the paper's "best dev checkpoint")
+  trivial baselines per task; the decode benchmark at the paper's XXL head layout
+
+Every stage but the benchmark runs in this process on the models and compiled steps of
+models.Models. A stage is done when its directory holds MARKER (written last, atomically, with
+the stage's spec and result); rerunning skips finished stages. An unfinished stage starts over,
+except pre-training, which resumes from its newest checkpoint.
 """
 import dataclasses
-import functools
 import json
 import os
-import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Optional
+from typing import Callable
 
-from gqa_t5x import errors
+from etils import epath
+
+from gqa_t5x import checkpointing, errors, runs
+from gqa_t5x.reproduce import baselines
+from gqa_t5x.reproduce.models import FINETUNE, PRETRAIN, Models, train_data
 from gqa_t5x.reproduce.presets import Preset
 
 MARKER = 'reproduce_stage.json'
 BENCHMARK_FILE = 'decode_benchmark.json'
-EVAL_FILE = 'eval_metrics.jsonl'  # what runs.evaluate appends to EVAL_OUTPUT_DIR
+PRIMARY_METRICS = ('rouge1', 'bleu', 'f1')  # the paper's: ROUGE-1, BLEU, F1 (TriviaQA)
+
+
+def primary(task: str, scores: dict) -> tuple[str, float]:
+  """The paper's metric of a task, from '<task>/<metric>' scores."""
+  for name in PRIMARY_METRICS:
+    if f'{task}/{name}' in scores:
+      return name, scores[f'{task}/{name}']
+  raise ValueError(f'task {task} reported {sorted(scores)}, none of {PRIMARY_METRICS}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,48 +83,48 @@ def rows(preset: Preset) -> list[Row]:
 
 @dataclasses.dataclass
 class Stage:
-  """One command; `directory` holds its outputs and, once finished, MARKER."""
+  """One unit of work; `directory` holds its outputs and, once finished, MARKER."""
   name: str
   directory: str
-  module: str  # python -m <module> <argv>
-  argv: list[str]
+  spec: dict  # everything that decides the result; a finished stage must match it
   estimate_s: float  # for the overall ETA before anything was measured
-  in_process: Optional[Callable[[], None]] = None  # same job without a new interpreter
+  work: Callable[[], dict]  # computes the stage; returns its result (kept in MARKER)
+  resumes: bool = False  # continues from its own checkpoints instead of starting over
 
   @property
   def marker(self) -> str:
     return os.path.join(self.directory, MARKER)
 
-  def command(self) -> str:
-    return ' '.join([f'python -m {self.module}'] + [shlex.quote(a) for a in self.argv])
+  def describe(self) -> str:
+    return json.dumps(self.spec, sort_keys=True)
 
   def is_done(self) -> bool:
-    """True if finished with the same command; a different command is an error, not a redo."""
+    """True if finished with the same spec; a different spec is an error, not a redo."""
     if not os.path.exists(self.marker):
       return False
     with open(self.marker) as f:
-      recorded = json.load(f)['command']
-    if recorded != self.command():
+      recorded = json.load(f)['spec']
+    if recorded != json.loads(self.describe()):
       raise errors.ConfigError(
-          f'{self.directory} was produced by a different command ({recorded}); this run would '
-          f'execute {self.command()}. Use another --output_dir, or delete that directory.')
+          f'{self.directory} was produced by a different stage ({json.dumps(recorded)}); this '
+          f'run would compute {self.describe()}. Use another --output_dir, or delete that '
+          'directory.')
     return True
 
-  def run(self, use_subprocess: bool, env: dict) -> float:
-    """Runs the command, then writes MARKER; returns the seconds it took."""
+  def result(self) -> dict:
+    with open(self.marker) as f:
+      return json.load(f)['result']
+
+  def run(self) -> float:
+    """Computes the stage, then writes MARKER; returns the seconds it took."""
     start = time.perf_counter()
+    if not self.resumes and os.path.exists(self.directory):
+      shutil.rmtree(self.directory)  # an interrupted attempt: start over
     os.makedirs(self.directory, exist_ok=True)
-    if self.in_process and not use_subprocess:
-      self.in_process()
-    else:  # its own progress output goes straight to the console
-      sys.stdout.flush()
-      status = subprocess.call([sys.executable, '-m', self.module, *self.argv], env=env)
-      if status:
-        raise errors.ConfigError(f'stage {self.name} failed (exit {status}; its output is '
-                                 f'above): {self.command()}')
+    result = self.work()
     seconds = time.perf_counter() - start
-    write_json_atomically(self.marker, {'stage': self.name, 'command': self.command(),
-                                        'seconds': seconds})
+    write_json_atomically(self.marker, {'stage': self.name, 'spec': json.loads(self.describe()),
+                                        'seconds': seconds, 'result': result})
     return seconds
 
 
@@ -120,154 +137,185 @@ def write_json_atomically(path: str, document) -> None:
   os.replace(f.name, path)
 
 
-def _gin_flags(files: list[str], macros: dict) -> list[str]:
-  """--gin_file=... --gin.NAME=<python literal>, as typed on a T5X command line."""
-  return ([f'--gin_file={f}' for f in files]
-          + [f'--gin.{name}={_literal(value)}' for name, value in macros.items()])
-
-
-def _literal(value) -> str:
-  """A gin literal: strings and dicts in double quotes (as T5X's docs write them)."""
-  return json.dumps(value) if isinstance(value, (str, dict)) else repr(value)
-
-
-def _gin_job(module: str, argv: list[str]) -> Callable[[], None]:
-  """The job `python -m module argv` runs (gqa_t5x.gin_utils.run), called in this process."""
-  def run():
-    import gin  # pylint: disable=g-import-not-at-top  (kept off the import path of the CLI)
-    from gqa_t5x import gin_utils, runs  # pylint: disable=g-import-not-at-top
-    job = {'gqa_t5x.train': runs.train, 'gqa_t5x.eval': runs.evaluate}[module]
-    files, bindings = [], []
-    for flag in gin_utils.rewrite_gin_args(argv):
-      name, value = flag[2:].split('=', 1)
-      (files if name == 'gin_file' else bindings).append(value)
-    gin_utils.parse_gin(files, bindings, gin_utils.DEFAULT_SEARCH_PATHS)
-    gin.get_configurable(job)()
-  return run
-
-
-@functools.lru_cache(maxsize=None)
-def model_config(model_gin: str, extra_bindings: tuple[str, ...]):
-  """The T5Config the model gin describes (sizes for the benchmark), read without locking gin."""
-  from gqa_t5x import gin_utils  # pylint: disable=g-import-not-at-top
-  return gin_utils.model_config([model_gin], extra_bindings)
+def checkpoint(model_dir: str, step: int) -> str:
+  return os.path.join(model_dir, f'checkpoint_{step}')
 
 
 class Plan:
-  """Directories and commands of every stage of a preset, in dependency order."""
+  """Every stage of a preset, in dependency order, and where each writes."""
 
   def __init__(self, preset: Preset, work_dir: str):
     self.preset, self.work_dir = preset, work_dir
     self.rows = rows(preset)
-    self.variants = list(dict.fromkeys(r.variant for r in self.rows))
+    h = preset.num_heads
+    self.variants = [v for v in dict.fromkeys(r.variant for r in self.rows) if v.kv_heads != h]
     self.stages: list[Stage] = []
+    self.models = Models(preset, preset.pretrained_checkpoint or checkpoint(
+        self.path('pretrain'), preset.pretrain_steps))
     self._build()
 
-  # Paths, shared with the report.
   def path(self, *parts: str) -> str:
     return os.path.join(self.work_dir, *parts)
 
   def row_name(self, row: Row) -> str:
     return row.name(self.preset.num_heads)
 
-  def eval_dir(self, row: Row, task: str) -> str:
-    return self.path('eval', self.row_name(row), task)
+  def stage(self, name: str) -> Stage:
+    return next(s for s in self.stages if s.name == name)
 
-  def benchmark_dir(self) -> str:
-    return self.path('benchmark')
+  # Stage names, shared with the report.
+  @staticmethod
+  def uptrain_name(variant_name: str, seed: int) -> str:
+    return f'uptrain {variant_name} seed {seed}'
 
-  # The graph.
-  def _train_macros(self, task, lengths, steps, model_dir, batch, kv_heads, initial=None):
-    # TRAIN_STEPS counts the initial checkpoint's steps; checkpoint 4 times per stage (resume).
-    todo = steps - (initial[1] if initial else 0)
-    macros = dict(MIXTURE_OR_TASK_NAME=task, TASK_FEATURE_LENGTHS=dict(lengths),
-                  TRAIN_STEPS=steps, MODEL_DIR=model_dir, BATCH_SIZE=batch,
-                  NUM_KV_HEADS=kv_heads, RANDOM_SEED=self.preset.seed,
-                  SAVING_PERIOD=max(1, todo // 4), KEEP_CHECKPOINTS=1,
-                  LOG_PERIOD=max(1, min(50, todo // 10)))
-    if initial:
-      macros['INITIAL_CHECKPOINT_PATH'] = initial[0]
-    return macros
+  @staticmethod
+  def finetune_name(row_name: str, seed: int, task: str) -> str:
+    return f'finetune {row_name} seed {seed} {task}'
 
-  def _add_train(self, name, run_gin, macros, estimate_s):
-    argv = _gin_flags([self.preset.model_gin, run_gin], macros) + [
-        f'--gin_bindings={b}' for b in self.preset.extra_bindings]
-    self.stages.append(Stage(name, macros['MODEL_DIR'], 'gqa_t5x.train', argv, estimate_s,
-                             _gin_job('gqa_t5x.train', argv)))
+  def variant_alphas(self, variant: Variant) -> list[float]:
+    return sorted({0.0} | {r.alpha for r in self.rows if r.variant == variant})
+
+  def _add(self, name, directory, spec, estimate_s, work, resumes=False):
+    self.stages.append(Stage(name, directory, spec, estimate_s, work, resumes))
 
   def _train_estimate(self, steps: int, batch: int, lengths) -> float:
     tokens = steps * batch * sum(n for _, n in lengths)
-    return 10.0 + tokens / 1000 * self.preset.seconds_per_kilotoken
-
-  def checkpoint(self, model_dir: str, step: int) -> str:
-    return os.path.join(model_dir, f'checkpoint_{step}')
+    return 2.0 + tokens / 1000 * self.preset.seconds_per_kilotoken
 
   def _build(self):
     p, h = self.preset, self.preset.num_heads
-    if p.pretrained_checkpoint:
-      source = p.pretrained_checkpoint
-    else:
-      pre_dir = self.path('pretrain')
-      self._add_train('pretrain', 'runs/pretrain.gin', dict(
-          self._train_macros(p.pretrain_task, p.pretrain_lengths, p.pretrain_steps, pre_dir,
-                             p.pretrain_batch, h), WARMUP_STEPS=p.warmup_steps),
-          self._train_estimate(p.pretrain_steps, p.pretrain_batch, p.pretrain_lengths))
-      source = self.checkpoint(pre_dir, p.pretrain_steps)
-
-    converted = {}
-    for v in self.variants:
-      directory = self.path('convert', v.name(h))
-      converted[v] = self.checkpoint(directory, p.pretrain_steps)
-      argv = [f'--input={source}', f'--output={converted[v]}', f'--gin_file={p.model_gin}',
-              f'--gin_bindings=NUM_KV_HEADS = {v.kv_heads}',
-              *[f'--gin_bindings={b}' for b in p.extra_bindings],
-              f'--method={v.method}', f'--seed={p.seed}', '--overwrite']
-      self.stages.append(Stage(f'convert {v.name(h)}', directory, 'gqa_t5x.convert', argv, 10.0))
-
-    for row in self.rows:
-      start, up_steps = converted[row.variant], p.uptrain_steps(row.alpha)
-      if up_steps:
-        up_dir = self.path('uptrain', self.row_name(row))
-        total = p.pretrain_steps + up_steps
-        self._add_train(f'uptrain {self.row_name(row)}', 'runs/uptrain.gin', dict(
-            self._train_macros(p.pretrain_task, p.pretrain_lengths, total, up_dir,
-                               p.pretrain_batch, row.variant.kv_heads,
-                               (start, p.pretrain_steps)), WARMUP_STEPS=p.warmup_steps),
-            self._train_estimate(up_steps, p.pretrain_batch, p.pretrain_lengths))
-        start = self.checkpoint(up_dir, total)
-      first = p.pretrain_steps + up_steps
-      for task, lengths in p.finetune_tasks:
-        ft_dir = self.path('finetune', self.row_name(row), task)
-        total = first + p.finetune_steps
-        self._add_train(f'finetune {self.row_name(row)} {task}', 'runs/finetune.gin', dict(
-            self._train_macros(task, lengths, total, ft_dir, p.finetune_batch,
-                               row.variant.kv_heads, (start, first)),
-            BASE_LEARNING_RATE=p.finetune_learning_rate),
-            self._train_estimate(p.finetune_steps, p.finetune_batch, lengths))
-        argv = _gin_flags([p.model_gin, 'runs/eval.gin'], dict(
-            MIXTURE_OR_TASK_NAME=task, TASK_FEATURE_LENGTHS=dict(lengths),
-            CHECKPOINT_PATH=self.checkpoint(ft_dir, total),
-            EVAL_OUTPUT_DIR=self.eval_dir(row, task), BATCH_SIZE=p.eval_batch,
-            NUM_KV_HEADS=row.variant.kv_heads)) + [
-                f'--gin_bindings={b}' for b in p.extra_bindings]
-        self.stages.append(Stage(f'eval {self.row_name(row)} {task}', self.eval_dir(row, task),
-                                 'gqa_t5x.eval', argv, 20.0, _gin_job('gqa_t5x.eval', argv)))
+    common = {'model_gin': p.model_gin, 'extra_bindings': list(p.extra_bindings)}
+    if not p.pretrained_checkpoint:
+      self._add('pretrain', self.path('pretrain'), dict(
+          common, task=p.pretrain_task, lengths=dict(p.pretrain_lengths), steps=p.pretrain_steps,
+          batch=p.pretrain_batch, warmup=p.warmup_steps, seed=p.pretrain_seed),
+          self._train_estimate(p.pretrain_steps, p.pretrain_batch, p.pretrain_lengths),
+          self._pretrain, resumes=True)
+    self._add('heldout mha', self.path('heldout'), dict(
+        common, source=self.models.pretrained_checkpoint, task=p.pretrain_task,
+        lengths=dict(p.pretrain_lengths)), 5.0, self._reference)
+    for seed in p.seeds:
+      for v in self.variants:
+        alphas = self.variant_alphas(v)
+        steps = max(p.uptrain_steps(a) for a in alphas)
+        self._add(self.uptrain_name(v.name(h), seed), self.path('uptrain', v.name(h), f'seed{seed}'),
+                  dict(common, kv_heads=v.kv_heads, method=v.method, alphas=alphas,
+                       steps=[p.uptrain_steps(a) for a in alphas], seed=seed,
+                       warmup=p.warmup_steps, batch=p.pretrain_batch),
+                  5.0 + self._train_estimate(steps, p.pretrain_batch, p.pretrain_lengths),
+                  lambda v=v, seed=seed: self._uptrain(v, seed))
+    for task, lengths in p.finetune_tasks:
+      self._add(f'baselines {task}', self.path('baselines', task), dict(
+          task=task, lengths=dict(lengths)), 5.0, lambda t=task, n=lengths: baselines.score(
+              t, dict(n)))
+    for seed in p.seeds:
+      for row in self.rows:
+        for task, lengths in p.finetune_tasks:
+          self._add(self.finetune_name(self.row_name(row), seed, task),
+                    self.path('finetune', self.row_name(row), f'seed{seed}', task), dict(
+                        common, kv_heads=row.variant.kv_heads, method=row.variant.method,
+                        alpha=row.alpha, seed=seed, task=task, lengths=dict(lengths),
+                        steps=p.finetune_steps, batch=p.finetune_batch,
+                        learning_rate=p.finetune_learning_rate,
+                        checkpoints=p.finetune_checkpoints),
+                    5.0 + self._train_estimate(p.finetune_steps, p.finetune_batch, lengths),
+                    lambda r=row, s=seed, t=task, n=lengths: self._finetune(r, s, t, n))
     self._add_benchmark()
 
-  def kv_head_counts(self) -> list[int]:
-    """Every G that divides H, largest first (Figure 6's x axis)."""
-    h = self.preset.num_heads
+  # What each stage computes.
+  def _pretrain(self) -> dict:
+    p, h = self.preset, self.preset.num_heads
+    trainer, schedule = self.models.trainer(h, PRETRAIN)
+    runs.fit(trainer, train_data(p.pretrain_task, p.pretrain_lengths, p.pretrain_batch,
+                                 p.pretrain_seed), p.pretrain_steps, self.path('pretrain'), schedule,
+             checkpoint_cfg=checkpointing.CheckpointConfig(
+                 save_period=max(1, p.pretrain_steps // 4), keep=1),
+             random_seed=p.pretrain_seed, log_period=max(1, p.pretrain_steps // 10))
+    return {}
+
+  def _reference(self) -> dict:
+    params, step = self.models.pretrained()
+    return {'step': step, 'heldout': self.models.heldout(self.preset.num_heads).run(params, step)}
+
+  def _uptrain(self, variant: Variant, seed: int) -> dict:
+    """Held-out scores of the converted model at alpha 0 and after each alpha of uptraining."""
+    p, g = self.preset, variant.kv_heads
+    params, step, facts = self.models.converted(g, variant.method, seed)
+    heldout = self.models.heldout(g)
+    scores = {'0': heldout.run(params, step)}
+    targets = {f'{a:g}': step + p.uptrain_steps(a) for a in self.variant_alphas(variant) if a}
+    if targets:
+      trainer, schedule = self.models.trainer(g, PRETRAIN)
+      steps = tuple(sorted(set(targets.values())))
+      _, evals = runs.fit(
+          trainer, train_data(p.pretrain_task, p.pretrain_lengths, p.pretrain_batch, seed),
+          steps[-1], self.path('uptrain', variant.name(p.num_heads), f'seed{seed}'), schedule,
+          checkpoint_cfg=checkpointing.CheckpointConfig(save_period=steps[-1], save_steps=steps),
+          initial_params=(params, step), random_seed=seed,
+          log_period=max(1, (steps[-1] - step) // 4), eval_steps=steps, evaluators=[heldout])
+      scores.update({alpha: evals[s] for alpha, s in targets.items()})
+    return {'conversion': facts, 'heldout': scores, 'steps': {'0': step, **targets}}
+
+  def _start(self, row: Row, seed: int):
+    """(parameters, step) a row's fine-tuning starts from."""
+    p, v = self.preset, row.variant
+    if v.kv_heads == p.num_heads:
+      return self.models.pretrained()
+    if row.alpha == 0:
+      return self.models.converted(v.kv_heads, v.method, seed)[:2]
+    stage = self.stage(self.uptrain_name(v.name(p.num_heads), seed))
+    step = stage.result()['steps'][f'{row.alpha:g}']
+    return self.models.load(checkpoint(stage.directory, step), v.kv_heads)
+
+  def _finetune(self, row: Row, seed: int, task: str, lengths) -> dict:
+    """Fine-tunes, scores each periodic checkpoint on validation, keeps the best one."""
+    p, g = self.preset, row.variant.kv_heads
+    params, step = self._start(row, seed)
+    trainer, schedule = self.models.trainer(g, FINETUNE)
+    evaluation = self.models.evaluation(g, task, lengths)
+    period = p.finetune_steps // p.finetune_checkpoints
+    steps = tuple(step + period * k for k in range(1, p.finetune_checkpoints + 1))
+    directory = self.path('finetune', self.row_name(row), f'seed{seed}', task)
+    _, evals = runs.fit(
+        trainer, train_data(task, lengths, p.finetune_batch, seed), steps[-1], directory,
+        schedule, checkpoint_cfg=checkpointing.CheckpointConfig(save_period=steps[-1],
+                                                                save_steps=steps),
+        initial_params=(params, step), random_seed=seed, log_period=period, eval_steps=steps,
+        evaluators=[evaluation])
+    best = max(steps, key=lambda s: primary(task, evals[s])[1])
+    for s in steps:  # every checkpoint was scored; only the best one is worth its disk space
+      if s != best:
+        epath.Path(checkpoint(directory, s)).rmtree()
+    return {'best_step': best, 'best': evals[best], 'evals': {str(s): evals[s] for s in steps}}
+
+  # The decode benchmark: its own process, so that its timings see no training state.
+  def benchmark_dir(self) -> str:
+    return self.path('benchmark')
+
+  def benchmark_kv_heads(self) -> list[int]:
+    """Every G that divides the benchmark's heads, largest first (Figure 6's x axis)."""
+    h = self.preset.benchmark.num_heads
     return [g for g in range(h, 0, -1) if h % g == 0]
 
   def _add_benchmark(self):
-    b, c = self.preset.benchmark, model_config(self.preset.model_gin, self.preset.extra_bindings)
-    argv = ['--levels=decode', '--kv_heads=' + ','.join(map(str, self.kv_head_counts())),
-            f'--num_heads={c.num_heads}', f'--head_dim={c.head_dim}', f'--emb_dim={c.emb_dim}',
-            f'--mlp_dim={c.mlp_dim}', f'--vocab_size={c.vocab_size}',
-            f'--num_decoder_layers={c.num_decoder_layers}',
-            f'--num_encoder_layers={c.num_encoder_layers}', f'--input_length={b.input_length}',
-            f'--output_length={b.output_length}', f'--batch={b.batch}', f'--reps={b.reps}',
-            '--peer=false', '--bandwidth_mib=64', f'--seed={self.preset.seed}',
+    b = self.preset.benchmark
+    argv = ['--levels=decode', '--kv_heads=' + ','.join(map(str, self.benchmark_kv_heads())),
+            f'--num_heads={b.num_heads}', f'--head_dim={b.head_dim}', f'--emb_dim={b.emb_dim}',
+            f'--mlp_dim={b.mlp_dim}', f'--vocab_size={b.vocab_size}',
+            f'--num_decoder_layers={b.num_decoder_layers}', '--num_encoder_layers=0',
+            f'--input_length={b.input_length}', f'--output_length={b.output_length}',
+            f'--batch={b.batch}', f'--reps={b.reps}', '--peer=false', '--bandwidth_mib=64',
             f'--output_dir={self.benchmark_dir()}']
-    self.stages.append(Stage('benchmark', self.benchmark_dir(), 'gqa_t5x.benchmark', argv,
-                             15.0 + 5.0 * len(self.kv_head_counts())))
+
+    def work():
+      sys.stdout.flush()
+      status = subprocess.call([sys.executable, '-m', 'gqa_t5x.benchmark', *argv])
+      if status:
+        raise errors.ConfigError(f'the decode benchmark failed (exit {status}; its output is '
+                                 f'above): python -m gqa_t5x.benchmark {" ".join(argv)}')
+      with open(os.path.join(self.benchmark_dir(), BENCHMARK_FILE)) as f:
+        document = json.load(f)
+      return {'rows': [r for r in document['rows'] if r['implementation'] == 'gqa_t5x'],
+              'settings': document['settings'], 'machine': document['machine']}
+    self._add('benchmark', self.benchmark_dir(), {'argv': argv},
+              15.0 + 8.0 * len(self.benchmark_kv_heads()), work)
