@@ -165,6 +165,12 @@ def first_shard_removed(directory):
     os.remove(os.path.join(directory, min(json.load(f)['weight_map'].values())))
 
 
+def untied_encoder_embedding():
+  model = hf_model({})
+  model.encoder.embed_tokens = torch.nn.Embedding(VOCAB, 16)
+  return model
+
+
 BAD_INPUTS = {
     'decoder-only config': (
         lambda d: transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(d),
@@ -177,6 +183,8 @@ BAD_INPUTS = {
                                     'names shard model-00001-of-'),
     'exact-gelu MLP': (lambda d: save(hf_model({'feed_forward_proj': 'gelu'}), d),
                        "feed_forward_proj 'gelu' is not supported"),
+    'an encoder embedding of its own': (lambda d: save(untied_encoder_embedding(), d),
+                                        'encoder.embed_tokens.weight differs from shared.weight'),
     'weights of another config': (
         lambda d: (save(hf_model({'num_layers': 3}), d), hf_model({}).config.save_pretrained(d)),
         'has tensor decoder.block.2.layer.0.SelfAttention.k.weight (and 20 more)'),

@@ -60,10 +60,11 @@ def read(path: epath.Path) -> Checkpoint:
                             f'every parameter of a {ARCHITECTURES[0]} with this {CONFIG_FILE}')
     used.add(hf_name)
     params[t5x_name] = _transposed(tensors[hf_name]) if transpose else tensors[hf_name]
-  unexpected = sorted(set(tensors) - used - set(_IGNORED))
+  unexpected = sorted(set(tensors) - used - set(_EMBEDDING_COPIES) - {_UNUSED_RELPOS})
   if unexpected:
     raise CheckpointError(f'{path} has tensor {unexpected[0]} (and {len(unexpected) - 1} more) '
                           f'that a {ARCHITECTURES[0]} with this {CONFIG_FILE} does not have')
+  _check_copies(path, tensors)
   if scale and own_lm_head:  # the network scales only embedding logits: fold it into the kernel
     params['decoder/logits_dense/kernel'] = _scaled(params['decoder/logits_dense/kernel'],
                                                     model['emb_dim'] ** -0.5)
@@ -133,10 +134,10 @@ _SUBLAYERS = {
                 ('EncDecAttention', 'encoder_decoder_attention',
                  'pre_cross_attention_layer_norm')),
 }
-# Saved by transformers but not parameters of their own: copies of shared.weight, and a
-# cross-attention relative bias that T5 never uses (transformers ignores it when loading, too).
-_IGNORED = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight',
-            'decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight')
+# Saved by some writers as copies of shared.weight (transformers ties them to it when equal).
+_EMBEDDING_COPIES = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
+# In old checkpoints; T5 never uses it (transformers ignores it when loading, too).
+_UNUSED_RELPOS = 'decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight'
 
 
 def _parameter_names(model: dict):
@@ -158,6 +159,20 @@ def _parameter_names(model: dict):
     yield f'{stack}.final_layer_norm.weight', f'{stack}/{stack}_norm/scale', False
   if not model['logits_via_embedding']:
     yield 'lm_head.weight', 'decoder/logits_dense/kernel', True
+
+
+def _check_copies(path: epath.Path, tensors: dict[str, LazyTensor]) -> None:
+  """Refuses embedding copies that differ from shared.weight (transformers would use them).
+
+  Reads the embedding and its copies now, before anything is written; most checkpoints have no
+  copies (safetensors files) or share their storage (PyTorch files), and cost nothing here.
+  """
+  copies = [name for name in _EMBEDDING_COPIES if name in tensors]
+  shared = tensors['shared.weight'].read() if copies else None
+  for name in copies:
+    if not np.array_equal(tensors[name].read(), shared):
+      raise CheckpointError(f'{path}: {name} differs from shared.weight; the network has one '
+                            'token embedding for encoder and decoder, as T5 has')
 
 
 def _transposed(tensor: LazyTensor) -> LazyTensor:
