@@ -120,7 +120,8 @@ def test_dtypes_kept_and_kernels_transposed(tmp_path):
   state = {k: v.float().numpy() for k, v in model.state_dict().items()}
   for t5x, hf in (('decoder/layers_1/encoder_decoder_attention/query/kernel',
                    'decoder.block.1.layer.1.EncDecAttention.q.weight'),
-                  ('encoder/layers_0/mlp/wi_1/kernel', 'encoder.block.0.layer.1.DenseReluDense.wi_1.weight'),
+                  ('encoder/layers_0/mlp/wi_1/kernel',
+                   'encoder.block.0.layer.1.DenseReluDense.wi_1.weight'),
                   ('encoder/relpos_bias/rel_embedding',
                    'encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight'),
                   ('decoder/logits_dense/kernel', 'lm_head.weight')):

@@ -62,8 +62,9 @@ def read(path: epath.Path) -> Checkpoint:
     params[t5x_name] = _transposed(tensors[hf_name]) if transpose else tensors[hf_name]
   unexpected = sorted(set(tensors) - used - set(_EMBEDDING_COPIES) - {_UNUSED_RELPOS})
   if unexpected:
-    raise CheckpointError(f'{path} has tensor {unexpected[0]} (and {len(unexpected) - 1} more) '
-                          f'that a {ARCHITECTURES[0]} with this {CONFIG_FILE} does not have')
+    more = f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''
+    raise CheckpointError(f'{path} has tensor {unexpected[0]}{more} that a {ARCHITECTURES[0]} '
+                          f'with this {CONFIG_FILE} does not have')
   _check_copies(path, tensors)
   if scale and own_lm_head:  # the network scales only embedding logits: fold it into the kernel
     params['decoder/logits_dense/kernel'] = _scaled(params['decoder/logits_dense/kernel'],
