@@ -30,6 +30,7 @@ setuptools.setup(
         "sacrebleu>=2.6,<3",
         "absl-py>=2.1",
         "msgpack>=1.0",
+        "safetensors>=0.8,<0.9",  # HuggingFace checkpoints for gqa-t5x-convert
         "etils[epath]",
         "matplotlib>=3.8,<4",
         # Also needed, installed --no-deps by tools/setup_env.sh: seqio==0.0.20,

@@ -4,9 +4,11 @@ r"""Turns an MHA T5 checkpoint into a GQA checkpoint by pooling key/value heads 
       --output=/ckpts/gqa8_large/checkpoint_1000000 --num_kv_heads=8
 
 Reads T5X legacy (msgpack + tensorstore) or Orbax checkpoints from any path tensorstore/epath
-can open; writes an Orbax checkpoint in T5X's layout (state/ = target/... + state/step, no
-optimizer state) plus gqa_conversion.json. Streams one tensor at a time. Exit status 2, with a
-one-line reason and nothing written, for any input or request that cannot be converted.
+can open, and HuggingFace T5 directories (config.json + safetensors or PyTorch weights); writes
+an Orbax checkpoint in T5X's layout (state/ = target/... + state/step, no optimizer state) plus
+gqa_conversion.json, and for a HuggingFace input the model gin that matches it. Streams one
+tensor at a time. Exit status 2, with a one-line reason and nothing written, for any input or
+request that cannot be converted.
 """
 import json
 import os
@@ -20,12 +22,14 @@ from absl import logging
 from etils import epath
 
 from gqa_t5x import common_flags
-from gqa_t5x.checkpoints import legacy_format, orbax_format, plan, pooling
+from gqa_t5x.checkpoints import hf_format, legacy_format, orbax_format, plan, pooling
 from gqa_t5x.checkpoints.base import Checkpoint, CheckpointError
 
 RECORD_FILE = 'gqa_conversion.json'
+MODEL_GIN_FILE = 'gqa_model.gin'  # written for inputs that describe their model (HuggingFace)
 
-_INPUT = flags.DEFINE_string('input', None, 'MHA checkpoint directory (checkpoint_<step>).')
+_INPUT = flags.DEFINE_string('input', None, 'MHA checkpoint directory (T5X checkpoint_<step>, '
+                             'or a HuggingFace T5 model directory).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Directory to create, e.g. .../checkpoint_<step>.')
 _METHOD = flags.DEFINE_enum('method', 'mean', pooling.METHODS,
                             'How a group of kv heads becomes one: the paper uses mean.')
@@ -38,7 +42,7 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace --output if it exist
 
 
 def open_checkpoint(path: str) -> Checkpoint:
-  """Reads a T5X legacy or Orbax checkpoint's metadata (no arrays yet)."""
+  """Reads a T5X legacy or Orbax, or a HuggingFace T5 checkpoint's metadata (no arrays yet)."""
   directory = epath.Path(path)
   if not directory.exists():
     raise CheckpointError(f'input {path} does not exist')
@@ -46,29 +50,80 @@ def open_checkpoint(path: str) -> Checkpoint:
     return legacy_format.read(directory)
   if orbax_format.tree_dir(directory) is not None:
     return orbax_format.read(directory)
+  if hf_format.is_hf(directory):
+    return hf_format.read(directory)
   raise CheckpointError(
       f'unrecognised checkpoint format at {path}: expected a T5X checkpoint_<step> directory '
-      f"holding 'checkpoint' (legacy msgpack) or 'state/_METADATA' (Orbax)")
+      f"holding 'checkpoint' (legacy msgpack) or 'state/_METADATA' (Orbax), or a HuggingFace "
+      f"model directory holding '{hf_format.CONFIG_FILE}'")
 
 
-def convert(input_path: str, output_path: str, kv_heads: dict[str, int], *, head_dim: int = 64,
-            method: str = 'mean', seed: int = 0, num_heads: int | None = None,
-            overwrite: bool = False, progress=None) -> dict:
-  """Converts and returns the record that is also written to output/gqa_conversion.json."""
+def convert(input_path: str, output_path: str, kv_heads: dict[str, int], *,
+            head_dim: int | None = None, method: str = 'mean', seed: int = 0,
+            num_heads: int | None = None, overwrite: bool = False, progress=None) -> dict:
+  """Converts and returns the record that is also written to output/gqa_conversion.json.
+
+  head_dim and num_heads default to the checkpoint's config where it has one (HuggingFace),
+  else head_dim is 64 (T5.1.1) and num_heads is read off the kernels.
+  """
   output = epath.Path(output_path)
   _check_output(epath.Path(input_path), output, overwrite)
   checkpoint = open_checkpoint(input_path)
+  model = checkpoint.model_config or {}
+  head_dim = _agreed('head_dim', head_dim, model.get('head_dim')) or 64
+  num_heads = _agreed('num_heads', num_heads, model.get('num_heads'))
   params, facts = plan.plan(checkpoint.params, kv_heads, head_dim=head_dim, method=method,
                             seed=seed, num_heads=num_heads)
   record = {'source': checkpoint.path, 'source_format': checkpoint.format,
             'output': os.fspath(output), 'step': int(checkpoint.step), **facts}
+  if checkpoint.source_config is not None:
+    record['source_config'] = checkpoint.source_config
+  if model:
+    record['model_gin'] = os.fspath(output / MODEL_GIN_FILE)
   progress = progress or Progress(len(params) + 1, sum(t.nbytes for t in params.values()))
 
   def write(directory: epath.Path):
     orbax_format.write(directory, params, checkpoint.step, progress.update)
     (directory / RECORD_FILE).write_text(json.dumps(record, indent=2) + '\n')
+    if model:
+      after = {kind: facts['attention'][kind]['kv_heads_after'] for kind in plan.KIND_NAMES}
+      (directory / MODEL_GIN_FILE).write_text(model_gin(model, after, checkpoint.path))
   _write_atomically(output, overwrite, write)
   return record
+
+
+def _agreed(name: str, requested: int | None, from_checkpoint: int | None) -> int | None:
+  if requested is not None and from_checkpoint is not None and requested != from_checkpoint:
+    raise CheckpointError(f'{name} {requested} (--{name} or --gin_file) contradicts the '
+                          f"checkpoint's own config, which says {from_checkpoint}")
+  return requested if requested is not None else from_checkpoint
+
+
+def model_gin(model: dict, kv_heads: dict[str, int], source: str) -> str:
+  """A model gin for a converted checkpoint: models/t5_1_1/base.gin with the model's sizes.
+
+  Sizes and kv heads are base.gin's macros where it has them (the run gins read NUM_KV_HEADS and
+  NUM_ENCODER_KV_HEADS), network.T5Config fields otherwise.
+  """
+  fields = {k: v for k, v in model.items() if k not in ('num_heads', 'vocab_size')}
+  if kv_heads['decoder_cross'] != kv_heads['decoder_self']:
+    fields['num_decoder_cross_kv_heads'] = kv_heads['decoder_cross']
+  return '\n'.join([
+      f'# The network of this checkpoint, as gqa-t5x-convert read it from {source}.',
+      '# Use it as the model gin (--gin_file=<this file>); models/t5_1_1/base.gin is found on',
+      "# gqa_t5x's default --gin_search_paths (for T5X, add gqa_t5x's gin_configs/ to them).",
+      'from __gin__ import dynamic_registration',
+      'from gqa_t5x import network',
+      '',
+      "include 'models/t5_1_1/base.gin'",
+      '',
+      f'NUM_HEADS = {model["num_heads"]}',
+      f'VOCAB_SIZE = {model["vocab_size"]}',
+      f'NUM_ENCODER_KV_HEADS = {kv_heads["encoder"]}',
+      f'NUM_KV_HEADS = {kv_heads["decoder_self"]}',
+      'network.T5Config:',
+      *(f'  {name} = {value!r}' for name, value in fields.items()),
+      ''])
 
 
 def _check_output(input_dir: epath.Path, output: epath.Path, overwrite: bool) -> None:
@@ -162,7 +217,7 @@ def _run(argv) -> None:
     if not flag.value:
       raise CheckpointError(f'--{flag.name} is required')
   config = _model_config()
-  head_dim = common_flags.HEAD_DIM.value or (config.head_dim if config else 64)
+  head_dim = common_flags.HEAD_DIM.value or (config.head_dim if config else None)
   if config is not None and common_flags.HEAD_DIM.value and common_flags.HEAD_DIM.value != config.head_dim:
     raise CheckpointError(f'--head_dim={common_flags.HEAD_DIM.value} contradicts the gin config\'s '
                           f'head_dim {config.head_dim}')

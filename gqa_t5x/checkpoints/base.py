@@ -36,11 +36,17 @@ class LazyTensor:
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-  """A T5X checkpoint's parameters (flat 'encoder/layers_0/...' names, no 'target/') and step."""
+  """A T5X checkpoint's parameters (flat 'encoder/layers_0/...' names, no 'target/') and step.
+
+  Formats that describe their model (HuggingFace's config.json) also give the network's
+  T5Config fields (model_config) and the description they were read from (source_config).
+  """
   path: str
   format: str
   params: dict[str, LazyTensor]
   step: np.ndarray
+  model_config: dict | None = None
+  source_config: dict | None = None
 
 
 def flatten(tree: dict, prefix: str = '', is_leaf=lambda value: False):
