@@ -32,7 +32,8 @@ _INPUT = flags.DEFINE_string('input', None, 'MHA checkpoint directory (T5X check
                              'or a HuggingFace T5 model directory).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Directory to create, e.g. .../checkpoint_<step>.')
 _METHOD = flags.DEFINE_enum('method', 'mean', pooling.METHODS,
-                            'How a group of kv heads becomes one: the paper uses mean.')
+                            'How a group of kv heads becomes one: the paper uses mean; aligned '
+                            'rotates the heads into line first (same function, closer heads).')
 _KV_HEADS = flags.DEFINE_integer(
     'num_kv_heads', None, 'G for decoder self- and cross-attention (the paper\'s conversion).')
 _PER_KIND = {kind: flags.DEFINE_integer(f'num_{kind}_kv_heads', None,
@@ -73,7 +74,8 @@ def convert(input_path: str, output_path: str, kv_heads: dict[str, int], *,
   head_dim = _agreed('head_dim', head_dim, model.get('head_dim')) or 64
   num_heads = _agreed('num_heads', num_heads, model.get('num_heads'))
   params, facts = plan.plan(checkpoint.params, kv_heads, head_dim=head_dim, method=method,
-                            seed=seed, num_heads=num_heads)
+                            seed=seed, num_heads=num_heads,
+                            progress=lambda n, size: Progress(n, size, 'fitting rotations').update)
   record = {'source': checkpoint.path, 'source_format': checkpoint.format,
             'output': os.fspath(output), 'step': int(checkpoint.step), **facts}
   if checkpoint.source_config is not None:
@@ -157,8 +159,9 @@ def _write_atomically(output: epath.Path, overwrite: bool, write) -> None:
 class Progress:
   """Prints tensor i/N, bytes, MB/s and ETA to stderr, at most about once a second."""
 
-  def __init__(self, num_tensors: int, total_bytes: int, stream=sys.stderr):
+  def __init__(self, num_tensors: int, total_bytes: int, label: str = '', stream=sys.stderr):
     self._n, self._total, self._stream = num_tensors, max(total_bytes, 1), stream
+    self._label = f'{label} ' if label else ''
     self._done = self._bytes = 0
     self._start = self._last = time.monotonic()
 
@@ -173,8 +176,9 @@ class Progress:
     rate = self._bytes / max(elapsed, 1e-9)
     when = (f'ETA {(self._total - self._bytes) / max(rate, 1):.0f}s' if self._done < self._n
             else f'done in {elapsed:.1f}s')
-    print(f'[{self._done}/{self._n}] {self._bytes / 1e6:.1f}/{self._total / 1e6:.1f} MB, '
-          f'{rate / 1e6:.0f} MB/s, {when}  {name}', file=self._stream, flush=True)
+    print(f'{self._label}[{self._done}/{self._n}] {self._bytes / 1e6:.1f}/'
+          f'{self._total / 1e6:.1f} MB, {rate / 1e6:.0f} MB/s, {when}  {name}',
+          file=self._stream, flush=True)
 
 
 def _model_config():

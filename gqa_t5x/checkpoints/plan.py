@@ -1,13 +1,16 @@
 """Decides, from shapes alone, what a conversion does, and rejects requests that cannot work.
 
-Everything here runs before any array is read or any file is written, so a bad request costs
+Every check runs before any array is read or any file is written, so a bad request costs
 nothing and leaves nothing behind. The result is a new parameter dict of LazyTensors (pooled
 key/value kernels, everything else passed through untouched) and the facts for the record.
+--method=aligned then reads the converted key and value kernels once to fit their rotations
+(kept, [k, d, d] per kernel), so the facts can say what alignment bought; every output tensor
+is still computed on its own when it is read, and the query and out kernels carry the rotations.
 """
 import dataclasses
 import re
 
-from gqa_t5x.checkpoints import pooling
+from gqa_t5x.checkpoints import alignment, pooling
 from gqa_t5x.checkpoints.base import CheckpointError, LazyTensor
 
 
@@ -80,15 +83,16 @@ def measure_heads(params: dict[str, LazyTensor], kind: AttentionKind, head_dim: 
 
 
 def plan(params: dict[str, LazyTensor], kv_heads: dict[str, int], *, head_dim: int,
-         method: str, seed: int = 0, num_heads: int | None = None
+         method: str, seed: int = 0, num_heads: int | None = None, progress=None
          ) -> tuple[dict[str, LazyTensor], dict]:
   """Returns (converted params, record facts) for the requested kv heads per kind name.
 
   num_heads, if given (from a model config), must match the heads found in the checkpoint.
+  progress(num_tensors, total_bytes), if given, returns an update(name, nbytes) callback for the
+  kernels that --method=aligned reads to fit its rotations.
   """
   if method not in pooling.METHODS:
     raise CheckpointError(f'unknown method {method!r}; expected one of {pooling.METHODS}')
-  converted = dict(params)
   geometry, changed = {}, []
   for kind in KINDS:
     if kind.name not in kv_heads and kind.kernel(0, 'key') not in params:
@@ -108,18 +112,55 @@ def plan(params: dict[str, LazyTensor], kv_heads: dict[str, int], *, head_dim: i
     geometry[kind.name] = (heads, target)
     if target == heads.num_kv_heads:
       continue
-    changed.append(kind.name)
-    for layer in heads.layers:
-      for projection in ('key', 'value'):
-        name = kind.kernel(layer, projection)
-        converted[name] = _pooled(name, params[name], target, head_dim, method, seed)
+    changed.append(kind)
   grouped = [n for n, (h, g) in geometry.items() if n in kv_heads and g < h.num_heads]
   if not changed and grouped:
     raise CheckpointError(
         'nothing to convert: the checkpoint already has the requested kv heads ('
         + ', '.join(f'{n}: {geometry[n][1]} of {geometry[n][0].num_heads} heads' for n in grouped)
         + '); pick fewer kv heads, or convert the original MHA checkpoint')
-  return converted, _facts(params, converted, geometry, head_dim, method, seed)
+  converted = dict(params)
+  if method == 'aligned':
+    distances = _align(params, converted, changed, geometry, head_dim, progress)
+  else:
+    distances = None
+    for kind in changed:
+      for layer in geometry[kind.name][0].layers:
+        for projection in ('key', 'value'):
+          name = kind.kernel(layer, projection)
+          converted[name] = _pooled(name, params[name], geometry[kind.name][1], head_dim,
+                                    method, seed)
+  return converted, _facts(params, converted, geometry, head_dim, method, seed, distances)
+
+
+def _align(params, converted, kinds, geometry, head_dim, progress) -> dict:
+  """Fits key and value rotations per layer; replaces q, k, v, o of `kinds` in `converted`.
+
+  Returns the record's distances: {kind: [{'layer': i, 'key': {'mean': .., 'aligned': ..},
+  'value': {..}}, ...]}. Key rotations also turn the query kernel, value rotations the out one.
+  """
+  fitted = [(kind, layer, projection) for kind in kinds
+            for layer in geometry[kind.name][0].layers for projection in ('key', 'value')]
+  update = (progress(len(fitted), sum(params[k.kernel(i, p)].nbytes for k, i, p in fitted))
+            if progress else lambda name, nbytes: None)
+  distances = {kind.name: {} for kind in kinds}
+  for kind, layer, projection in fitted:
+    name, target = kind.kernel(layer, projection), geometry[kind.name][1]
+    rotations, distance = alignment.fit(params[name].read(), num_kv_heads=target,
+                                        head_dim=head_dim)
+    distances[kind.name].setdefault(layer, {'layer': layer})[projection] = distance
+    converted[name] = _pooled(name, _rotated(params[name], rotations, head_dim), target,
+                              head_dim, 'mean', 0)
+    partner = kind.kernel(layer, 'query' if projection == 'key' else 'out')
+    converted[partner] = _rotated(params[partner], rotations, head_dim,
+                                  rows=projection == 'value')
+    update(name, params[name].nbytes)
+  return {kind: list(layers.values()) for kind, layers in distances.items()}
+
+
+def _rotated(source: LazyTensor, rotations, head_dim, rows=False) -> LazyTensor:
+  return LazyTensor(source.shape, source.dtype, lambda: alignment.rotate(
+      source.read(), rotations, head_dim=head_dim, rows=rows))
 
 
 def _pooled(name, source: LazyTensor, num_kv_heads, head_dim, method, seed) -> LazyTensor:
@@ -130,7 +171,7 @@ def _pooled(name, source: LazyTensor, num_kv_heads, head_dim, method, seed) -> L
   return LazyTensor((source.shape[0], num_kv_heads * head_dim), source.dtype, read)
 
 
-def _facts(before, after, geometry, head_dim, method, seed) -> dict:
+def _facts(before, after, geometry, head_dim, method, seed, distances) -> dict:
   def cache_bytes(kind_name, index):
     # Keys + values cached per token, all layers; self: per decoder token, cross: per encoder one.
     heads, target = geometry[kind_name]
@@ -149,4 +190,5 @@ def _facts(before, after, geometry, head_dim, method, seed) -> dict:
                       'after': sum(t.size for t in after.values())},
       'kv_cache_bytes_per_token_bfloat16': {
           n: {'before': cache_bytes(n, 0), 'after': cache_bytes(n, 1)} for n in cached},
+      **({'alignment': {'measure': alignment.MEASURE, **distances}} if distances else {}),
   }

@@ -3,7 +3,9 @@
 A T5X key or value kernel is stored 2-D as [e, k*d] (column = head*d + dim). Going from k to g
 kv heads merges each run of k/g contiguous heads into one, so that query head h, which read kv
 head h // (H/k), now reads h // (H/g): the standard contiguous grouping (GQA paper, HF repeat_kv,
-jax.nn.dot_product_attention). The paper's ablation compares three ways to merge a group.
+jax.nn.dot_product_attention). The paper's ablation compares three ways to merge a group; a
+fourth, aligned, mean-pools heads first rotated into line (alignment.py), which also rotates the
+query and out kernels, so plan.py applies it per layer rather than per kernel.
 
 Legend: e embed, k kv heads before, g kv heads after, r = k/g heads per group, d head dim.
 """
@@ -11,7 +13,8 @@ import zlib
 
 import numpy as np
 
-METHODS = ('mean', 'first', 'random')
+PER_KERNEL = ('mean', 'first', 'random')
+METHODS = PER_KERNEL + ('aligned',)
 
 
 def pool_kv_kernel(kernel: np.ndarray, *, num_kv_heads: int, head_dim: int, method: str,
@@ -36,5 +39,5 @@ def pool_kv_kernel(kernel: np.ndarray, *, num_kv_heads: int, head_dim: int, meth
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     pooled = rng.standard_normal((e, g, head_dim), dtype=np.float32) / np.sqrt(e)
   else:
-    raise ValueError(f'unknown pooling method {method!r}; expected one of {METHODS}')
+    raise ValueError(f'unknown pooling method {method!r}; expected one of {PER_KERNEL}')
   return np.ascontiguousarray(pooled.reshape(e, g * head_dim).astype(kernel.dtype))
