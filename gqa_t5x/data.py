@@ -39,6 +39,12 @@ def get_task(cfg: DatasetConfig) -> seqio.Task | seqio.Mixture:
         f'registered: {known}') from None
 
 
+def has_metrics(cfg: DatasetConfig) -> bool:
+  """Whether the task (or a task of the mixture) defines metric functions to decode for."""
+  task = get_task(cfg)
+  return any(t.metric_fns for t in getattr(task, 'tasks', [task]))
+
+
 def process_shard(mesh: jax.sharding.Mesh) -> seqio.ShardInfo:
   """Which slice of every global batch this process feeds.
 

@@ -49,7 +49,7 @@ def train(*, model: nn.Module, train_dataset_cfg: data.DatasetConfig, train_step
                     label_smoothing=label_smoothing,
                     loss_normalizing_factor=loss_normalizing_factor)
   evaluators = []
-  if eval_period and infer_eval_dataset_cfg:
+  if eval_period and infer_eval_dataset_cfg and data.has_metrics(infer_eval_dataset_cfg):
     evaluators.append(Evaluation(model, infer_eval_dataset_cfg, mesh_partitioner,
                                  os.path.join(model_dir, 'inference_eval')))
   if eval_period and train_eval_dataset_cfg:

@@ -92,6 +92,8 @@ class Trainer:
   def _init_state(self, rng, params, step) -> TrainState:
     if params is None:
       params = self.model.init(rng, *_init_tokens(), enable_dropout=False)['params']
+    else:  # its own buffers: jit would hand the caller's back, and train_step donates them
+      params = jax.tree.map(jnp.copy, params)
     # optax schedules and Adafactor's decay read their own step counts: start them at the
     # checkpoint's step, as T5X's optimizer does (uptraining from step 1M runs at 1/sqrt(1M)).
     opt_state = optax.tree_utils.tree_set(self.optimizer.init(params), count=step)

@@ -6,7 +6,6 @@ modules, in a fixed order, and split into train/validation by a hash of the text
 is the same in every fresh process. Pure Python.
 """
 import ast
-import collections
 import functools
 import os
 import re
@@ -40,13 +39,14 @@ def _module_source(name: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _docstrings() -> tuple:
+  """(module name, docstring) of every module, class and function, in a fixed order."""
   docs = []
   for name in _MODULES:
     for node in ast.walk(ast.parse(_module_source(name))):
       if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
         doc = ast.get_docstring(node)
         if doc and len(doc.split()) >= 8:
-          docs.append(doc)
+          docs.append((name, doc))
   return tuple(docs)
 
 
@@ -62,53 +62,27 @@ def _check_split(split: str) -> None:
 def documents(split: str) -> list:
   """Whole docstrings (at least 8 words) of the split: the uptraining corpus."""
   _check_split(split)
-  return [doc for doc in _docstrings() if _split_of(doc) == split]
+  return [doc for _, doc in _docstrings() if _split_of(doc) == split]
+
+
+MODULE_QUESTION = "question: which standard-library module is this from?"
+_MODULE_CONTEXT_WORDS = 32
+
+
+def module_qa_examples(split: str) -> list:
+  """(question and context, module name) pairs: which standard-library module a docstring is from.
+
+  Closed-set question answering (the answer is one of the corpus's module names, rarely in the
+  context itself): the model must read the whole context and recognise its subject, so neither
+  a constant answer nor the context's first words score well. The context is the docstring's
+  first 32 words, whitespace collapsed; a docstring belongs to its split as in documents().
+  """
+  _check_split(split)
+  return [(f"{MODULE_QUESTION} context: {' '.join(doc.split()[:_MODULE_CONTEXT_WORDS])}", name)
+          for name, doc in _docstrings() if _split_of(doc) == split]
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def _paragraphs(split: str, min_words: int, max_words: int) -> list:
-  """Paragraphs of the split's docstrings, whitespace collapsed, within the word bounds."""
-  out = []
-  for doc in documents(split):
-    for paragraph in re.split(r"\n\s*\n", doc):
-      paragraph = " ".join(paragraph.split())
-      if min_words <= len(paragraph.split()) <= max_words:
-        out.append(paragraph)
-  return out
-
-
-# The blank is T5's first sentinel and the answer is written as span corruption writes a span,
-# so that fine-tuning starts from what pre-training taught: filling a sentinel from context.
-CLOZE_BLANK = "<extra_id_0>"
-CLOZE_ANSWER = "<extra_id_0> {} <extra_id_1>"
-_CLOZE_WINDOW = 6  # words of the sentence kept on each side of the blank
-_CLOZE_PER_PARAGRAPH = 3
-
-
-def cloze_qa_examples(split: str) -> list:
-  """(question-and-context, answer) pairs: extractive QA whose answer is a word of the context.
-
-  The question is a window of the paragraph with one word blanked out; the context is the whole
-  paragraph, so the answer is always present and must be found by matching the question's words
-  against the context (as TriviaQA's answer must be found in its evidence). Answers are
-  alphabetic words of at least 4 letters that occur once in their paragraph, up to three per
-  paragraph of 12-45 words, chosen by a hash of the paragraph: the same examples in every process.
-  Neither a constant answer nor the context's first words can score well.
-  """
-  pairs = []
-  for paragraph in _paragraphs(split, 12, 45):
-    words = paragraph.split()
-    counts = collections.Counter(words)
-    candidates = [i for i, w in enumerate(words) if w.isalpha() and len(w) >= 4 and counts[w] == 1]
-    start = zlib.crc32(paragraph.encode())
-    for j in range(min(_CLOZE_PER_PARAGRAPH, len(candidates))):
-      i = candidates[(start + 7919 * j) % len(candidates)]
-      lo, hi = max(0, i - _CLOZE_WINDOW), min(len(words), i + _CLOZE_WINDOW + 1)
-      question = " ".join(words[lo:i] + [CLOZE_BLANK] + words[i + 1:hi])
-      pairs.append((f"question: {question} context: {paragraph}", words[i]))
-  return pairs
 
 
 def lead_summary_pairs(split: str) -> list:

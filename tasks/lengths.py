@@ -21,7 +21,7 @@ TASK_FEATURE_LENGTHS = {
     # Small embedded tasks for CPU runs (not from the paper).
     "gqa_embedded_span_corruption": {"inputs": 128, "targets": 32},
     "gqa_embedded_lead_summary": {"inputs": 256, "targets": 64},
-    "gqa_embedded_cloze_qa": {"inputs": 128, "targets": 16},
+    "gqa_embedded_module_qa": {"inputs": 96, "targets": 8},
 }
 
 PAPER_DOWNSTREAM_TASKS = ("gqa_cnn_dailymail", "gqa_arxiv", "gqa_pubmed", "gqa_mediasum",

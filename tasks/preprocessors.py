@@ -3,7 +3,6 @@
 The formats follow T5's (`summarize: ...`, `translate English to German: ...`,
 `question: ... context: ...`), so T5.1.1 checkpoints see the prompts they were fine-tuned with.
 """
-import re
 from typing import Mapping
 
 import seqio
@@ -120,13 +119,3 @@ def trivia_qa_postprocess(output: str, example=None, is_target: bool = False):
     return [a.decode("utf-8") if isinstance(a, bytes) else str(a) for a in example["answers"]]
   return output
 
-
-_SENTINEL = re.compile(r"<extra_id_\d+>")
-
-
-def cloze_qa_postprocess(output: str, example=None, is_target: bool = False):
-  """A prediction written as a span ('<extra_id_0> word <extra_id_1>') becomes its words; a
-  target becomes the example's list of gold answers, as for TriviaQA."""
-  if is_target:
-    return trivia_qa_postprocess(output, example, is_target)
-  return " ".join(_SENTINEL.sub(" ", output).split())

@@ -28,7 +28,7 @@ PAPER_LENGTHS = {
     'gqa_multi_news': (2048, 512), 'gqa_trivia_qa': (2048, 32),
     'gqa_c4_span_corruption': (512, 114)}
 EMBEDDED_LENGTHS = {'gqa_embedded_span_corruption': (128, 32),
-                    'gqa_embedded_lead_summary': (256, 64)}
+                    'gqa_embedded_lead_summary': (256, 64), 'gqa_embedded_module_qa': (96, 8)}
 TABLE1_TASKS = ['gqa_cnn_dailymail', 'gqa_arxiv', 'gqa_pubmed', 'gqa_mediasum', 'gqa_multi_news',
                 'gqa_wmt14_ende', 'gqa_trivia_qa']  # Table 1's columns
 T5_VOCABULARY = 'gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model'

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import gqa_t5x
+from gqa_t5x.checkpoints.base import unflatten
 from gqa_t5x.network import Transformer
 from tests import runner_helpers
 
@@ -376,14 +377,3 @@ def test_t5x_eval_and_infer_decode_greedily_under_gqa_network(t5x_runs, uptraine
   assert emitted.sum() > len(rows)  # T5X decoded something for every example
   margin = logits.max(axis=-1) - chosen  # 0 where T5X took the argmax
   assert margin[emitted].max() < 1e-4 * np.abs(logits).max()
-
-
-def unflatten(flat: dict) -> dict:
-  tree = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split('/')
-    node = tree
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return tree

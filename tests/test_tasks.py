@@ -308,7 +308,8 @@ def test_embedded_vocabulary_training_is_deterministic_and_cached(tmp_path, spm_
   assert [p.name for p in tmp_path.iterdir()] == [again.rsplit("/", 1)[-1]]  # no temp leftovers
 
 
-@pytest.mark.parametrize("task_name", ["gqa_embedded_span_corruption", "gqa_embedded_lead_summary"])
+@pytest.mark.parametrize("task_name", ["gqa_embedded_span_corruption", "gqa_embedded_lead_summary",
+                                       "gqa_embedded_module_qa"])
 def test_embedded_tasks_are_deterministic(task_name):
   first = _examples(task_name, split="train", num_epochs=1)[:20]
   corpus._docstrings.cache_clear()  # pylint: disable=protected-access
@@ -328,3 +329,27 @@ def test_embedded_lead_summary_is_scored_with_rouge():
   assert first_sentence.endswith((".", "!", "?")) and len(first_sentence) < len(paragraph)
   scores, _ = _evaluate_with_perfect_predictions("gqa_embedded_lead_summary")
   assert scores["rouge1"] > 99.0  # decoding a few rare characters as UNK may cost a little
+
+
+def test_embedded_module_qa_asks_which_module_a_docstring_comes_from():
+  examples = _examples("gqa_embedded_module_qa")
+  modules = set(corpus._MODULES)  # pylint: disable=protected-access
+  validation_docs = corpus.documents("validation")
+  for ex in examples[:50]:
+    question, context = ex["inputs_pretokenized"].decode().split(" context: ", 1)
+    assert question == corpus.MODULE_QUESTION
+    assert ex["targets_pretokenized"].decode() in modules
+    assert any(" ".join(doc.split()).startswith(context) for doc in validation_docs)
+  assert len({ex["targets_pretokenized"] for ex in examples}) > 20  # many answers, not a few
+  scores, _ = _evaluate_with_perfect_predictions("gqa_embedded_module_qa")
+  assert scores == {"em": 100.0, "f1": 100.0}
+
+
+def test_embedded_multitask_mixes_span_corruption_and_module_qa():
+  mixture = seqio.get_mixture_or_task("gqa_embedded_multitask")
+  assert sorted(t.name for t in mixture.tasks) == ["gqa_embedded_module_qa",
+                                                   "gqa_embedded_span_corruption"]
+  ds = mixture.get_dataset({"inputs": 128, "targets": 32}, split="train", shuffle=True, seed=0)
+  questions = [ex["inputs"][:3].tolist() == vocab.embedded_vocabulary().encode(
+      "question:")[:3] for ex in ds.take(200).as_numpy_iterator()]
+  assert 0.3 < sum(questions) / len(questions) < 0.7  # sampled at equal rates

@@ -60,3 +60,15 @@ def flatten(tree: dict, prefix: str = '', is_leaf=lambda value: False):
       yield from flatten(value, f'{prefix}{key}/', is_leaf)
     elif value is not None:
       yield f'{prefix}{key}', value
+
+
+def unflatten(flat: dict) -> dict:
+  """The nested dict of flat 'encoder/layers_0/...' names: flatten's inverse."""
+  tree = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split('/')
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return tree

@@ -12,7 +12,7 @@ from typing import Any
 
 from gqa_t5x import checkpointing, data, gin_utils, optimizers
 from gqa_t5x.checkpoints import plan as conversion
-from gqa_t5x.checkpoints.base import LazyTensor, flatten
+from gqa_t5x.checkpoints.base import LazyTensor, flatten, unflatten
 from gqa_t5x.evaluation import Evaluation
 from gqa_t5x.network import T5Config, Transformer
 from gqa_t5x.partitioning import Partitioner
@@ -33,17 +33,6 @@ def train_data(task: str, lengths: Lengths, batch: int, seed: int) -> data.Datas
   """Packed, shuffled training batches; the seed fixes their order."""
   return data.DatasetConfig(task, dict(lengths), 'train', batch, shuffle=True, seed=seed,
                             pack=True, module=TASK_MODULE)
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-  tree = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split('/')
-    node = tree
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[leaf] = value
-  return tree
 
 
 class Models:
@@ -87,9 +76,9 @@ class Models:
     return self._once(('trainer', kv_heads, recipe), build)
 
   def heldout(self, kv_heads: int) -> TrainEvaluation:
-    """Teacher-forced loss and accuracy on the uptraining task's validation split."""
+    """Teacher-forced loss and accuracy on the held-out task's validation split."""
     p = self.preset
-    cfg = data.DatasetConfig(p.pretrain_task, dict(p.pretrain_lengths), 'validation',
+    cfg = data.DatasetConfig(p.heldout_task, dict(p.pretrain_lengths), 'validation',
                              p.eval_batch, shuffle=False, seed=p.pretrain_seed, pack=True,
                              module=TASK_MODULE)
     return self._once(('heldout', kv_heads), lambda: TrainEvaluation(
@@ -114,13 +103,15 @@ class Models:
 
   def converted(self, kv_heads: int, method: str, seed: int) -> tuple[PyTree, int, dict]:
     """The pre-trained MHA parameters converted by gqa-t5x-convert's own plan, in memory:
-    (parameters, step, the conversion record's facts)."""
+    (parameters, step, the conversion record's facts); MHA (G = H) as pre-trained."""
     params, step = self.pretrained()
+    if kv_heads == self.preset.num_heads:
+      return params, step, {'method': 'none (MHA)'}
     flat = {name: LazyTensor.of(np.asarray(leaf)) for name, leaf in flatten(params)}
     converted, facts = conversion.plan(
         flat, {'decoder_self': kv_heads, 'decoder_cross': kv_heads},
         head_dim=self.base_config.head_dim, method=method, seed=seed,
         num_heads=self.preset.num_heads)
     shardings = self.trainer(kv_heads, PRETRAIN)[0].state_shardings.params
-    tree = jax.device_put(_unflatten({n: t.read() for n, t in converted.items()}), shardings)
+    tree = jax.device_put(unflatten({n: t.read() for n, t in converted.items()}), shardings)
     return tree, step, facts

@@ -23,8 +23,8 @@ class Benchmark:
 
   Its head layout is the paper's XXL one (64 heads x 64) whatever the trained model's, so that the
   key/value cache is what decoding reads most, as in the paper; width, depth and batch are what
-  the machine can hold. A row with G of the trained model's H heads is timed at the same number
-  of query heads per kv head: G * num_heads / H.
+  the machine can hold. MHA and MQA rows are timed as MHA and MQA; a GQA-G row of the trained
+  model's H heads at the same fraction G/H of MHA's cache (Preset.benchmark_kv_heads).
   """
   input_length: int
   output_length: int
@@ -46,7 +46,8 @@ class Preset:
   model_gin: str  # under gin_configs/, e.g. models/t5_1_1/tiny.gin
   num_heads: int  # H of model_gin; G = H is MHA, G = 1 is MQA
   gqa_groups: tuple[int, ...]  # G of the GQA rows; the first is the alpha sweep's GQA
-  pretrain_task: str  # also the uptraining task, whose validation split gives held-out loss
+  pretrain_task: str  # also the uptraining task (the paper continues pre-training)
+  heldout_task: str  # its validation split gives the teacher-forced held-out loss
   pretrain_lengths: Lengths
   pretrain_steps: int  # alpha is a fraction of these (the paper: 1M steps of T5.1.1)
   pretrain_batch: int
@@ -92,8 +93,8 @@ class Preset:
     return max(1, round(alpha * self.pretrain_steps)) if alpha > 0 else 0
 
   def benchmark_kv_heads(self, kv_heads: int) -> int:
-    """The benchmark's G with as many query heads per kv head as G of the trained model."""
-    return kv_heads * self.benchmark.num_heads // self.num_heads
+    """The benchmark's G for a row with G = kv_heads: 1 for MQA, else the same fraction G/H."""
+    return 1 if kv_heads == 1 else kv_heads * self.benchmark.num_heads // self.num_heads
 
 
 SMOKE = Preset(
@@ -101,24 +102,26 @@ SMOKE = Preset(
     description='Every stage at toy sizes, for the test suite (about two minutes on 2 CPU '
                 'cores).',
     model_gin='models/t5_1_1/tiny.gin', num_heads=8, gqa_groups=(2,),
-    pretrain_task='gqa_embedded_span_corruption', pretrain_lengths=lengths(32, 8),
-    pretrain_steps=20, pretrain_batch=8, warmup_steps=10,
-    finetune_tasks=(('gqa_embedded_cloze_qa', lengths(64, 8)),),
+    pretrain_task='gqa_embedded_multitask', heldout_task='gqa_embedded_span_corruption',
+    pretrain_lengths=lengths(32, 8), pretrain_steps=20, pretrain_batch=8, warmup_steps=10,
+    finetune_tasks=(('gqa_embedded_module_qa', lengths(32, 8)),),
     finetune_steps=4, finetune_batch=8, eval_batch=256, finetune_checkpoints=2,
     benchmark=Benchmark(input_length=64, output_length=4, batch=2, num_heads=16, head_dim=16,
-                        emb_dim=64, mlp_dim=64, vocab_size=256, reps=1),
+                        emb_dim=64, mlp_dim=64, vocab_size=256, reps=2),
     seeds=(0, 1), alphas=(0.0, 0.1), main_alpha=0.1, seconds_per_kilotoken=0.05)
 
 CPU = Preset(
     name='cpu',
-    description='The default: tiny T5.1.1 (8 heads) pre-trained on the embedded corpus, '
-                'fine-tuned on embedded extractive QA, 3 seeds; about 25 minutes on 2 CPU cores.',
-    model_gin='models/t5_1_1/tiny.gin', num_heads=8, gqa_groups=(2, 4),
-    pretrain_task='gqa_embedded_span_corruption', pretrain_lengths=lengths(128, 32),
-    pretrain_steps=600, pretrain_batch=32, warmup_steps=100,
-    finetune_tasks=(('gqa_embedded_cloze_qa', lengths(128, 8)),),
-    finetune_steps=300, finetune_batch=32, eval_batch=256, finetune_checkpoints=3,
-    finetune_learning_rate=0.003,
+    description='The default: tiny T5.1.1 (8 heads) pre-trained on the embedded corpus (span '
+                'corruption and module QA), fine-tuned on module QA, 3 seeds; 28 minutes measured '
+                'on 2 CPU cores.',
+    model_gin='models/t5_1_1/tiny.gin', num_heads=8, gqa_groups=(2,),
+    pretrain_task='gqa_embedded_multitask', heldout_task='gqa_embedded_span_corruption',
+    pretrain_lengths=lengths(128, 32), pretrain_steps=500, pretrain_batch=32, warmup_steps=100,
+    ablation_methods=('first', 'random', 'aligned'),
+    finetune_tasks=(('gqa_embedded_module_qa', lengths(96, 8)),),
+    finetune_steps=50, finetune_batch=32, eval_batch=256, finetune_checkpoints=2,
+    finetune_learning_rate=0.005,
     benchmark=Benchmark(input_length=2048, output_length=32, batch=16),
     seconds_per_kilotoken=0.06)
 
@@ -127,9 +130,10 @@ GPU = Preset(
     description='T5.1.1 Small (6 heads of 64, 8+8 layers) on the embedded corpus and task: about '
                 'an hour on one GPU or a TPU VM (estimate; not measured).',
     model_gin='models/t5_1_1/small.gin', num_heads=6, gqa_groups=(2, 3),
-    pretrain_task='gqa_embedded_span_corruption', pretrain_lengths=lengths(512, 114),
-    pretrain_steps=10000, pretrain_batch=64, warmup_steps=1000,
-    finetune_tasks=(('gqa_embedded_cloze_qa', lengths(256, 8)),),
+    pretrain_task='gqa_embedded_multitask', heldout_task='gqa_embedded_span_corruption',
+    pretrain_lengths=lengths(512, 114), pretrain_steps=10000, pretrain_batch=64,
+    warmup_steps=1000, ablation_methods=('first', 'random', 'aligned'),
+    finetune_tasks=(('gqa_embedded_module_qa', lengths(128, 8)),),
     finetune_steps=2000, finetune_batch=64, eval_batch=512,
     benchmark=Benchmark(input_length=2048, output_length=512, batch=32, num_heads=48,
                         emb_dim=4096, mlp_dim=10240, num_decoder_layers=2),
@@ -140,7 +144,8 @@ PAPER = Preset(
     description="The paper's runs: T5.1.1 XXL from the released checkpoint, uptrained on C4, "
                 'fine-tuned on the seven tasks. Needs a TPU slice and the prepared TFDS data.',
     model_gin='models/t5_1_1/xxl.gin', num_heads=64, gqa_groups=(8,),
-    pretrain_task='gqa_c4_span_corruption', pretrain_lengths=lengths(512, 114),
+    pretrain_task='gqa_c4_span_corruption', heldout_task='gqa_c4_span_corruption',
+    pretrain_lengths=lengths(512, 114),
     # T5's final recipe: 1M steps of 2048 x 512-token sequences; uptraining continues it.
     pretrain_steps=1_000_000, pretrain_batch=2048, warmup_steps=10000,
     finetune_tasks=(('gqa_cnn_dailymail', lengths(512, 256)), ('gqa_arxiv', lengths(2048, 512)),
