@@ -160,7 +160,9 @@ def test_rerun_reuses_finished_stages_and_redoes_only_a_deleted_one(smoke):
       presets.get('smoke'), str(output_dir / 'work')).stages) - 1, stdout
   with open(output_dir / 'results.json') as f:
     again = json.load(f)
-  assert [r['tasks'] for r in again['rows']] == [r['tasks'] for r in results['rows']]
+  scores = lambda document: [(r['tasks'][TASK]['scores'], r['tasks'][TASK]['best_steps'])
+                             for r in document['rows']]  # decode timings differ, scores may not
+  assert scores(again) == scores(results)
 
 
 def test_a_stage_directory_made_with_another_spec_is_an_error(tmp_path):
