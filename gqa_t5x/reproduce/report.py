@@ -327,11 +327,14 @@ def _write_text(path: str, text: str) -> None:
 
 
 # Figures.
-def _errorbar(ax, x, summaries, label, scale=1.0, **kwargs):
-  means = [scale * s['mean'] for s in summaries]
-  errors = [[scale * (s['mean'] - s['low']) for s in summaries],
-            [scale * (s['high'] - s['mean']) for s in summaries]]
-  ax.errorbar(x, means, yerr=errors, capsize=3, label=label, **kwargs)
+def _yerr(summaries) -> list[list[float]]:
+  """matplotlib's [below, above] error bars of interval summaries."""
+  return [[s['mean'] - s['low'] for s in summaries], [s['high'] - s['mean'] for s in summaries]]
+
+
+def _errorbar(ax, x, summaries, label, **kwargs):
+  ax.errorbar(x, [s['mean'] for s in summaries], yerr=_yerr(summaries), capsize=3, label=label,
+              **kwargs)
 
 
 def _plots(plan: Plan, records: list[dict], baseline_scores: dict, results_dir: str) -> None:
@@ -341,8 +344,8 @@ def _plots(plan: Plan, records: list[dict], baseline_scores: dict, results_dir: 
 
   p, h = plan.preset, plan.preset.num_heads
   g, a = p.gqa_groups[0], p.main_alpha
-  find = lambda k, alpha, method='mean': next(
-      r for r in records if (r['kv_heads'], r['alpha'], r['method']) == (k, alpha, method))
+  by_key = {(r['kv_heads'], r['alpha'], r['method']): r for r in records}
+  find = lambda k, alpha, method='mean': by_key[(k, alpha, method)]
   mha = find(h, 0.0)
   downstream = 'average score (95% CI)'
   ce = 'held-out loss, nats/token (95% CI)'
@@ -374,18 +377,14 @@ def _plots(plan: Plan, records: list[dict], baseline_scores: dict, results_dir: 
   fig, (main, side) = plt.subplots(1, 2, figsize=(10, 4))
   width = 0.8 / 2
   for i, alpha in enumerate((0.0, a)):
-    rows = [find(1, alpha, m) if any(
-        (r['kv_heads'], r['alpha'], r['method']) == (1, alpha, m) for r in records) else None
-            for m in methods]
+    rows = [by_key.get((1, alpha, m)) for m in methods]  # fine-tuned at the main alpha only
     values = [_heldout_summary(plan, Variant(1, m), alpha) for m in methods]
     xs = [j + (i - 0.5) * width for j in range(len(methods))]
-    main.bar(xs, [v['mean'] for v in values], width,
-             yerr=[[v['mean'] - v['low'] for v in values], [v['high'] - v['mean'] for v in values]],
-             capsize=3, label=f'alpha {alpha:g}')
+    main.bar(xs, [v['mean'] for v in values], width, yerr=_yerr(values), capsize=3,
+             label=f'alpha {alpha:g}')
     if all(rows):
-      side.bar(xs, [r['average']['mean'] for r in rows], width, yerr=[
-          [r['average']['mean'] - r['average']['low'] for r in rows],
-          [r['average']['high'] - r['average']['mean'] for r in rows]], capsize=3,
+      averages = [r['average'] for r in rows]
+      side.bar(xs, [v['mean'] for v in averages], width, yerr=_yerr(averages), capsize=3,
                label=f'alpha {alpha:g}')
   main.axhline(mha['heldout']['cross_entropy']['mean'], color='gray', linestyle='--', label='MHA')
   main.set_xticks(range(len(methods)), methods)
@@ -442,7 +441,7 @@ def _plots(plan: Plan, records: list[dict], baseline_scores: dict, results_dir: 
 
 
 def _heldout_summary(plan: Plan, variant: Variant, alpha: float) -> dict:
-  return stats.interval(heldout_values(plan, variant, alpha, 'cross_entropy')).to_json()
+  return _summary(heldout_values(plan, variant, alpha, 'cross_entropy'))
 
 
 def write(plan: Plan, results_dir: str) -> dict:

@@ -31,9 +31,6 @@ class Interval:
   def half_width(self) -> float:
     return (self.high - self.low) / 2
 
-  def format(self, digits: int = 2) -> str:
-    return f'{self.mean:.{digits}f} ± {self.half_width:.{digits}f}'
-
   def to_json(self) -> dict:
     return {'mean': self.mean, 'low': self.low, 'high': self.high, 'n': self.n,
             'confidence': CONFIDENCE}
