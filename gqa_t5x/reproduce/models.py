@@ -3,12 +3,15 @@
 A reproduction trains and scores dozens of (row, seed) runs, but only a few distinct programs:
 one train step per (kv-head count, pre/fine-tuning), one teacher-forced scorer and one greedy
 decoder per kv-head count. Building each once and reusing it across every row and seed with
-that G is what keeps the CPU preset within its budget (a fresh interpreter and compilation per
+that G is what brings the CPU preset near its budget (a fresh interpreter and compilation per
 stage cost more than the training itself).
 """
 import dataclasses
 import functools
 from typing import Any
+
+import jax
+import numpy as np
 
 from gqa_t5x import checkpointing, data, gin_utils, optimizers
 from gqa_t5x.checkpoints import plan as conversion
@@ -19,9 +22,6 @@ from gqa_t5x.partitioning import Partitioner
 from gqa_t5x.reproduce.presets import Lengths, Preset
 from gqa_t5x.train_eval import TrainEvaluation
 from gqa_t5x.trainer import Trainer
-
-import jax
-import numpy as np
 
 PyTree = Any
 TASK_MODULE = 'gqa_t5x.tasks'
