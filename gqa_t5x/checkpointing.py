@@ -37,11 +37,18 @@ class CheckpointConfig:
 
 
 def manager(model_dir: str, cfg: CheckpointConfig) -> ocp.CheckpointManager:
+  """Saves every save_period steps, at save_steps and on preemption; not at a run's first step
+  (Orbax's default also saves there: a checkpoint a step after the one the run started from)."""
+  policies = ocp.checkpoint_managers
   return ocp.CheckpointManager(
       epath.Path(model_dir),
       options=ocp.CheckpointManagerOptions(
-          save_interval_steps=cfg.save_period, max_to_keep=cfg.keep, step_prefix=STEP_PREFIX,
-          enable_async_checkpointing=cfg.asynchronous, create=True),
+          max_to_keep=cfg.keep, step_prefix=STEP_PREFIX,
+          enable_async_checkpointing=cfg.asynchronous, create=True,
+          save_decision_policy=policies.AnySavePolicy([
+              policies.FixedIntervalPolicy(cfg.save_period),
+              policies.SpecificStepsPolicy(cfg.save_steps),
+              policies.PreemptionCheckpointingPolicy()])),
       item_names=(ITEM, DATASET_ITEM))
 
 

@@ -1,8 +1,9 @@
 """The three jobs the drivers run: train, evaluate, infer. Gin configures every argument."""
+import itertools
 import json
 import os
 import tempfile
-from typing import Any, Callable, Collection, Optional, Sequence
+from typing import Any, Callable, Collection, Iterable, Optional, Sequence
 
 from absl import logging
 from flax import linen as nn
@@ -61,8 +62,8 @@ def train(*, model: nn.Module, train_dataset_cfg: data.DatasetConfig, train_step
   return state
 
 
-def fit(trainer: Trainer, dataset_cfg: data.DatasetConfig, train_steps: int, model_dir: str,
-        learning_rate: optax.Schedule, *,
+def fit(trainer: Trainer, dataset: data.DatasetConfig | Iterable[dict], train_steps: int,
+        model_dir: str, learning_rate: optax.Schedule, *,
         checkpoint_cfg: checkpointing.CheckpointConfig = checkpointing.CheckpointConfig(),
         initial_checkpoint_path: Optional[str] = None,
         initial_params: Optional[tuple[PyTree, int]] = None, random_seed: int = 0,
@@ -71,11 +72,13 @@ def fit(trainer: Trainer, dataset_cfg: data.DatasetConfig, train_steps: int, mod
         evaluators: Sequence = ()) -> tuple[TrainState, dict[int, dict[str, float]]]:
   """The training loop of `train`, on a Trainer built once and reused across runs.
 
-  The run starts from MODEL_DIR's newest checkpoint, else from `initial_params` (parameters and
-  their step, already in memory), else from `initial_checkpoint_path`, else from random
-  parameters. `evaluators` (objects with `run(params, step) -> scores`) run every `eval_period`
-  steps and at `eval_steps`; returns the final state and {step: scores} of this call's
-  evaluations.
+  `dataset` is a DatasetConfig, whose pipeline is built here, or process-local batches already
+  made, from the data's first batch on (runs that read the same data share one made-once
+  sequence instead of each building and filling the same pipeline). The run starts from
+  MODEL_DIR's newest checkpoint, else from `initial_params` (parameters and their step, already
+  in memory), else from `initial_checkpoint_path`, else from random parameters. `evaluators`
+  (objects with `run(params, step) -> scores`) run every `eval_period` steps and at
+  `eval_steps`; returns the final state and {step: scores} of this call's evaluations.
   """
   manager = checkpointing.manager(model_dir, checkpoint_cfg)
   restored = checkpointing.restore_latest(manager, trainer.abstract_state.to_checkpoint())
@@ -99,8 +102,11 @@ def fit(trainer: Trainer, dataset_cfg: data.DatasetConfig, train_steps: int, mod
     return state, scores
 
   partitioner = trainer.partitioner
-  batches = data.train_batches(dataset_cfg, data.process_shard(partitioner.mesh),
-                               start_step=data_position)
+  if isinstance(dataset, data.DatasetConfig):
+    batches = data.train_batches(dataset, data.process_shard(partitioner.mesh),
+                                 start_step=data_position)
+  else:
+    batches = itertools.islice(dataset, data_position, None)
   writer = summaries.create_writer(os.path.join(model_dir, 'train'), 'metrics.jsonl')
   progress, window = Progress(step, train_steps), None
   while step < train_steps:
@@ -117,7 +123,7 @@ def fit(trainer: Trainer, dataset_cfg: data.DatasetConfig, train_steps: int, mod
                    format_eta(report['timing/eta_seconds']))
       window = None
     checkpointing.save(manager, step, state.to_checkpoint(), data_position,
-                       force=step == train_steps or step in checkpoint_cfg.save_steps)
+                       force=step == train_steps)
     if evaluators and (step in eval_steps or eval_period and step % eval_period == 0):
       scores[step] = {k: v for e in evaluators for k, v in e.run(state.params, step).items()}
       writer.write_scalars(step, scores[step])

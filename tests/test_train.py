@@ -114,8 +114,8 @@ def test_tiny_model_trains_on_2x4_mesh_and_loss_drops(uninterrupted):
                'timing/eta_seconds', 'learning_rate', 'z_loss', 'accuracy'):
     assert name in rows[-1]
   assert rows[0]['learning_rate'] == pytest.approx(0.1)  # 1 / sqrt(WARMUP_STEPS=100)
-  assert sorted(os.listdir(model_dir)) == ['checkpoint_1', 'checkpoint_12', 'checkpoint_4',
-                                           'checkpoint_8', 'train']
+  assert sorted(os.listdir(model_dir)) == ['checkpoint_12', 'checkpoint_4', 'checkpoint_8',
+                                           'train']
 
 
 def test_stopped_run_resumes_to_the_same_parameters(uninterrupted, tmp_path_factory):

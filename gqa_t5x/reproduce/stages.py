@@ -200,7 +200,8 @@ class Plan:
       for v in self.variants:
         alphas = self.variant_alphas(v)
         steps = max(p.uptrain_steps(a) for a in alphas)
-        self._add(self.uptrain_name(v.name(h), seed), self.path('uptrain', v.name(h), f'seed{seed}'),
+        self._add(self.uptrain_name(v.name(h), seed),
+                  self.path('uptrain', v.name(h), f'seed{seed}'),
                   dict(common, source=self.models.pretrained_checkpoint, kv_heads=v.kv_heads,
                        method=v.method, alphas=alphas, steps=[p.uptrain_steps(a) for a in alphas],
                        seed=seed, task=p.pretrain_task, lengths=dict(p.pretrain_lengths),
@@ -231,8 +232,8 @@ class Plan:
   def _pretrain(self) -> dict:
     p, h = self.preset, self.preset.num_heads
     trainer, schedule = self.models.trainer(h, PRETRAIN)
-    runs.fit(trainer, train_data(p.pretrain_task, p.pretrain_lengths, p.pretrain_batch,
-                                 p.pretrain_seed), p.pretrain_steps, self.path('pretrain'), schedule,
+    dataset = train_data(p.pretrain_task, p.pretrain_lengths, p.pretrain_batch, p.pretrain_seed)
+    runs.fit(trainer, dataset, p.pretrain_steps, self.path('pretrain'), schedule,
              checkpoint_cfg=checkpointing.CheckpointConfig(
                  save_period=max(1, p.pretrain_steps // 4), keep=1),
              random_seed=p.pretrain_seed, log_period=max(1, p.pretrain_steps // 10))
@@ -252,9 +253,10 @@ class Plan:
     if targets:
       trainer, schedule = self.models.trainer(g, PRETRAIN)
       steps = tuple(sorted(set(targets.values())))
+      batches = self.models.batches(p.pretrain_task, p.pretrain_lengths, p.pretrain_batch, seed)
       _, evals = runs.fit(
-          trainer, train_data(p.pretrain_task, p.pretrain_lengths, p.pretrain_batch, seed),
-          steps[-1], self.path('uptrain', variant.name(p.num_heads), f'seed{seed}'), schedule,
+          trainer, batches, steps[-1], self.path('uptrain', variant.name(p.num_heads),
+                                                 f'seed{seed}'), schedule,
           checkpoint_cfg=checkpointing.CheckpointConfig(save_period=steps[-1], save_steps=steps),
           initial_params=(params, step), random_seed=seed,
           log_period=max(1, (steps[-1] - step) // 4), eval_steps=steps, evaluators=[heldout])
@@ -280,14 +282,13 @@ class Plan:
     steps = tuple(step + period * k for k in range(1, p.finetune_checkpoints + 1))
     directory = self.path('finetune', self.row_name(row), f'seed{seed}', task)
     _, evals = runs.fit(
-        trainer, train_data(task, lengths, p.finetune_batch, seed), steps[-1], directory,
+        trainer, self.models.batches(task, lengths, p.finetune_batch, seed), steps[-1], directory,
         schedule, checkpoint_cfg=checkpointing.CheckpointConfig(save_period=steps[-1],
                                                                 save_steps=steps),
         initial_params=(params, step), random_seed=seed, log_period=period, eval_steps=steps,
         evaluators=[evaluation])
     best = max(steps, key=lambda s: primary(task, evals[s])[1])
-    # Every periodic checkpoint was scored; only the best one is worth its disk space (Orbax
-    # also saved the first step).
+    # Every periodic checkpoint was scored; only the best one is worth its disk space.
     for path in epath.Path(directory).glob('checkpoint_*'):
       if path.name != f'checkpoint_{best}':
         path.rmtree()
