@@ -6,7 +6,7 @@
 - `--help` prints the command's description and the flags it reads, and exits with status 0.
 - Output is for people: the project's own progress and warnings, every library's warnings and
   errors, but not the libraries' INFO lines (Orbax logs kilobytes of them); `--verbosity=0`
-  (absl's flag) shows everything.
+  (absl's flag) shows everything, TF_CPP_MIN_LOG_LEVEL=0 the C++ logs of TensorFlow and XLA.
 """
 import importlib.util
 import logging as python_logging
@@ -22,8 +22,10 @@ from absl import logging
 
 from gqa_t5x import errors
 
-# TensorFlow (seqio's input pipelines) logs some C++ INFO lines at import; its warnings stay.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+# The C++ logs of TensorFlow (only seqio's input pipelines here) and of XLA: on a machine without
+# a GPU, TensorFlow logs an ERROR for the GPU it did not find. Failures raise Python exceptions;
+# TF_CPP_MIN_LOG_LEVEL=0 shows the logs.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 _GIN_FLAG = re.compile(r'^--gin\.([^=]+)=(.*)$', re.DOTALL)
 _GIN_CALL_NOTE = '\n  In call to configurable'  # gin appends this to errors raised in a job
