@@ -37,12 +37,12 @@ def kv_cache_bytes_per_token(cfg: T5Config, bytes_per_value: int = 4) -> int:
 
 def _main(argv):
   cli.no_positional_arguments(argv)
+  num_heads = model_config(1).num_heads
+  kv_head_counts = common_flags.checked_kv_heads(num_heads, _KV_HEADS.value or [num_heads, 2, 1])
   rng = np.random.default_rng(0)
   print(f'jax {jax.__version__} on {jax.devices()[0].platform}; '
         f'{" ".join(_GIN.files.value or [DEFAULT_GIN_FILE])}, batch 4, input 32 tokens')
-  num_heads = model_config(1).num_heads
-  for kv_heads in common_flags.checked_kv_heads(num_heads,
-                                                _KV_HEADS.value or [num_heads, 2, 1]):
+  for kv_heads in kv_head_counts:
     cfg = model_config(kv_heads)
     inputs = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(4, 32)), jnp.int32)
     targets = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(4, _DECODE_LENGTH.value)),
