@@ -5,8 +5,9 @@
   `<command>: error: <what was wrong and what would be accepted>` and exits with status 2.
 - `--help` prints the command's description and the flags it reads, and exits with status 0.
 - Output is for people: the project's own progress and warnings, every library's warnings and
-  errors, but not the libraries' INFO lines (Orbax logs kilobytes of them); `--verbosity=0`
-  (absl's flag) shows everything, TF_CPP_MIN_LOG_LEVEL=0 the C++ logs of TensorFlow and XLA.
+  errors, but not the libraries' INFO lines (Orbax logs kilobytes of them), and long messages
+  wrapped; `--verbosity=0` (absl's flag) shows everything, TF_CPP_MIN_LOG_LEVEL=0 the C++ logs of
+  TensorFlow and XLA.
 """
 import importlib.util
 import logging as python_logging
@@ -29,6 +30,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 _GIN_FLAG = re.compile(r'^--gin\.([^=]+)=(.*)$', re.DOTALL)
 _GIN_CALL_NOTE = '\n  In call to configurable'  # gin appends this to errors raised in a job
+_WIDTH = 160  # of a log message line, after absl's prefix (about 60 characters)
 _HELP = ('-h', '-help', '--help', '-helpshort', '--helpshort', '-?')
 
 
@@ -51,16 +53,17 @@ def run(command: str, main: Callable[[list[str]], None], description: str,
       usage_error(command, f'{e} (`{command} --help` lists the flags it accepts)')
 
   def checked_main(args):
-    quiet = None if flags.FLAGS['verbosity'].present else _OwnInfoOnly()
     handler = logging.get_absl_handler()
-    if quiet:
-      handler.addFilter(quiet)
+    filters = ([] if flags.FLAGS['verbosity'].present else [_OwnInfoOnly()]) + [_WrappedLines()]
+    for f in filters:
+      handler.addFilter(f)
     try:
       main(args)
     except (errors.ConfigError, app.UsageError) as e:
       usage_error(command, str(e).split(_GIN_CALL_NOTE)[0])
     finally:
-      handler.removeFilter(quiet)
+      for f in filters:
+        handler.removeFilter(f)
 
   app.run(checked_main, argv=rewrite_gin_args(sys.argv if argv is None else argv),
           flags_parser=parse)
@@ -107,3 +110,14 @@ class _OwnInfoOnly(python_logging.Filter):
 
   def filter(self, record: python_logging.LogRecord) -> bool:
     return record.levelno >= python_logging.WARNING or record.pathname.startswith(self._dirs)
+
+
+class _WrappedLines(python_logging.Filter):
+  """Wraps a message longer than a terminal line onto indented continuation lines."""
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    lines = record.getMessage().splitlines()
+    if any(len(line) > _WIDTH for line in lines):
+      wrapped = (textwrap.fill(line, _WIDTH, subsequent_indent='    ') for line in lines)
+      record.msg, record.args = '\n'.join(wrapped), ()
+    return True

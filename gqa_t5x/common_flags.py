@@ -50,7 +50,8 @@ def multiprocess() -> MultiprocessFlags:
       flags.DEFINE_integer('process_index', None, "This process's index in a multi-process run.",
                            lower_bound=0),
       flags.DEFINE_bool('multiprocess', False, 'Call jax.distributed.initialize() with the '
-                        "platform's auto-detection (TPU pods, SLURM) when no coordinator is given."))
+                        "platform's auto-detection (TPU pods, SLURM) when no coordinator is "
+                        'given.'))
 
 
 @functools.cache

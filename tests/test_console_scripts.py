@@ -36,6 +36,7 @@ TINY = ['--gin_file=models/t5_1_1/tiny.gin', '--gin.VOCAB_SIZE=1152',
 def run(installed, command: str, *args: str, cwd, status: int = 0) -> str:
   """Runs an installed console script; returns its stdout + stderr, checked for `status`."""
   environment = runner_helpers.env(os.path.join(cwd, 'cache'), num_devices=1)
+  del environment['TF_CPP_MIN_LOG_LEVEL']  # the commands' own default, as a user gets it
   result = subprocess.run([os.path.join(installed.bin_dir, command), *args], cwd=cwd,
                           env=environment, capture_output=True, text=True, timeout=600)
   output = result.stdout + result.stderr

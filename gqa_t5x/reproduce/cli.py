@@ -9,6 +9,7 @@ claim of the paper decided held / contradicted / inconclusive. Rerunning reuses 
 an interrupted run continues where it stopped.
 """
 import os
+import textwrap
 
 from absl import flags
 
@@ -42,7 +43,8 @@ def _main(argv) -> None:
   if _DRY_RUN.value:
     for i, stage in enumerate(plan.stages, 1):
       state = 'finished' if stage.is_done() else 'to run'
-      print(f'[{i}/{len(plan.stages)}] {stage.name} ({state})\n    {stage.describe()}')
+      print(f'[{i}/{len(plan.stages)}] {stage.name} ({state})')
+      print(textwrap.fill(stage.describe(), 100, initial_indent='    ', subsequent_indent='    '))
     return
   _compilation_cache(plan.work_dir)
   summary = pipeline.run(plan, log=lambda s: print(s, flush=True))
