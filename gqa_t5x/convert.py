@@ -16,11 +16,10 @@ import sys
 import time
 import uuid
 
-from absl import app
 from absl import flags
-from absl import logging
 from etils import epath
 
+from gqa_t5x import cli
 from gqa_t5x import common_flags
 from gqa_t5x.checkpoints import hf_format, legacy_format, orbax_format, plan, pooling
 from gqa_t5x.checkpoints.base import Checkpoint, CheckpointError
@@ -40,6 +39,7 @@ _PER_KIND = {kind: flags.DEFINE_integer(f'num_{kind}_kv_heads', None,
                                         f'G for {kind} attention only (overrides the above).')
              for kind in plan.KIND_NAMES}
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace --output if it exists.')
+_HEAD_DIM, _SEED, _GIN = common_flags.head_dim(), common_flags.seed(), common_flags.gin()
 
 
 def open_checkpoint(path: str) -> Checkpoint:
@@ -183,15 +183,10 @@ class Progress:
 
 def _model_config():
   """The T5Config of the --gin_file(s), or None (then only flags apply)."""
-  if not common_flags.GIN_FILES.value:
+  if not _GIN.files.value:
     return None
   from gqa_t5x import gin_utils  # pylint: disable=g-import-not-at-top  (only with --gin_file)
-  try:
-    return gin_utils.model_config(common_flags.GIN_FILES.value, common_flags.GIN_BINDINGS.value,
-                                  common_flags.GIN_SEARCH_PATHS.value)
-  except (OSError, TypeError, ValueError) as e:
-    message = str(e).splitlines()[0]
-    raise CheckpointError(f'--gin_file must configure gqa_t5x.network.T5Config: {message}') from e
+  return gin_utils.model_config(_GIN.files.value, _GIN.bindings.value, _GIN.search_paths.value)
 
 
 def _requested_kv_heads(config) -> dict[str, int]:
@@ -213,33 +208,23 @@ def _requested_kv_heads(config) -> dict[str, int]:
 
 
 def _run(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines would drown the progress.
+  cli.no_positional_arguments(argv)
   for flag in (_INPUT, _OUTPUT):
     if not flag.value:
       raise CheckpointError(f'--{flag.name} is required')
   config = _model_config()
-  head_dim = common_flags.HEAD_DIM.value or (config.head_dim if config else None)
-  if config is not None and common_flags.HEAD_DIM.value and common_flags.HEAD_DIM.value != config.head_dim:
-    raise CheckpointError(f'--head_dim={common_flags.HEAD_DIM.value} contradicts the gin config\'s '
+  head_dim = _HEAD_DIM.value or (config.head_dim if config else None)
+  if config is not None and _HEAD_DIM.value and _HEAD_DIM.value != config.head_dim:
+    raise CheckpointError(f'--head_dim={_HEAD_DIM.value} contradicts the gin config\'s '
                           f'head_dim {config.head_dim}')
   record = convert(_INPUT.value, _OUTPUT.value, _requested_kv_heads(config), head_dim=head_dim,
-                   method=_METHOD.value, seed=common_flags.SEED.value, overwrite=_OVERWRITE.value,
+                   method=_METHOD.value, seed=_SEED.value, overwrite=_OVERWRITE.value,
                    num_heads=config.num_heads if config else None)
   print(json.dumps(record, indent=2))
 
 
 def main(argv=None) -> None:
-  """Console entry point: any CheckpointError becomes one line on stderr and exit status 2."""
-  def run(args):
-    try:
-      _run(args)
-    except CheckpointError as e:
-      print(f'gqa-t5x-convert: error: {e}', file=sys.stderr)
-      sys.exit(2)
-  app.run(run, argv=argv)
+  cli.run('gqa-t5x-convert', _run, __doc__, argv)
 
 
 if __name__ == '__main__':

@@ -6,9 +6,16 @@ from typing import Iterator, Mapping, Optional
 import jax
 import numpy as np
 import seqio
+import tensorflow as tf
 
 from gqa_t5x import axes
 from gqa_t5x import errors
+
+# TensorFlow only runs the input pipelines: keep it off the GPUs, which are JAX's (as T5X does).
+try:
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # TensorFlow already initialised its devices in this process
+  pass
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,29 +1,33 @@
 """A one-minute look at the model: a T5.1.1 (tiny by default) as MHA, GQA-2, MQA; forward + decode.
 
-  python -m gqa_t5x.demo [--gin_file=models/t5_1_1/small.gin] [--kv_heads=8,2,1]
+  gqa-t5x-demo [--gin_file=models/t5_1_1/small.gin] [--kv_heads=8,2,1]
 
 Prints the parameter count, decoder KV-cache bytes per token, the teacher-forced loss and the
 greedy outputs of each attention kind (random weights: the point is the mechanics, not the text).
 """
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gqa_t5x import cli
 from gqa_t5x import common_flags
 from gqa_t5x import gin_utils
 from gqa_t5x.decoding import greedy_decode
 from gqa_t5x.network import T5Config, Transformer
 
-_DECODE_LENGTH = flags.DEFINE_integer('decode_length', 16, 'Greedy decode length.')
+DEFAULT_GIN_FILE = 'models/t5_1_1/tiny.gin'
+_DECODE_LENGTH = flags.DEFINE_integer('decode_length', 16, 'Greedy decode length.', lower_bound=1)
+_GIN, _KV_HEADS = common_flags.gin(), common_flags.kv_heads()
 
 
-def model_config(gin_file: str, kv_heads: int) -> T5Config:
-  """The T5Config a model gin file binds, with NUM_KV_HEADS = kv_heads."""
-  return gin_utils.model_config([gin_file], [f'NUM_KV_HEADS = {kv_heads}'])
+def model_config(kv_heads: int) -> T5Config:
+  """The T5Config of the gin flags (default: tiny.gin), with NUM_KV_HEADS = kv_heads."""
+  return gin_utils.model_config(_GIN.files.value or [DEFAULT_GIN_FILE],
+                                [*_GIN.bindings.value, f'NUM_KV_HEADS = {kv_heads}'],
+                                _GIN.search_paths.value)
 
 
 def kv_cache_bytes_per_token(cfg: T5Config, bytes_per_value: int = 4) -> int:
@@ -31,14 +35,15 @@ def kv_cache_bytes_per_token(cfg: T5Config, bytes_per_value: int = 4) -> int:
   return 2 * cfg.num_decoder_layers * cfg.decoder_self_kv_heads * cfg.head_dim * bytes_per_value
 
 
-def main(argv):
-  del argv
+def _main(argv):
+  cli.no_positional_arguments(argv)
+  num_heads = model_config(1).num_heads
+  kv_head_counts = common_flags.checked_kv_heads(num_heads, _KV_HEADS.value or [num_heads, 2, 1])
   rng = np.random.default_rng(0)
-  gin_file = (common_flags.GIN_FILES.value or ['models/t5_1_1/tiny.gin'])[0]
-  print(f'jax {jax.__version__} on {jax.devices()[0].platform}; {gin_file}, batch 4, '
-        f'input 32 tokens')
-  for kv_heads in map(int, common_flags.KV_HEADS.value or ['8', '2', '1']):
-    cfg = model_config(gin_file, kv_heads)
+  print(f'jax {jax.__version__} on {jax.devices()[0].platform}; '
+        f'{" ".join(_GIN.files.value or [DEFAULT_GIN_FILE])}, batch 4, input 32 tokens')
+  for kv_heads in kv_head_counts:
+    cfg = model_config(kv_heads)
     inputs = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(4, 32)), jnp.int32)
     targets = jnp.asarray(rng.integers(2, cfg.vocab_size, size=(4, _DECODE_LENGTH.value)),
                           jnp.int32)
@@ -61,5 +66,9 @@ def main(argv):
           f'first output {np.asarray(outputs[0, :8]).tolist()}')
 
 
+def main(argv=None):
+  cli.run('gqa-t5x-demo', _main, __doc__, argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  main()

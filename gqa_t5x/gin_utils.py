@@ -1,33 +1,39 @@
 """T5X's gin command line (--gin_file, --gin_bindings, --gin.NAME=value, --gin_search_paths),
 plus the macro checks T5X lacks: a misspelt or missing macro fails before any work starts."""
 import importlib
+import logging as python_logging
+import os
 import re
-import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
-from absl import app, flags, logging
+from absl import logging
 import gin
 
-from gqa_t5x import errors
+import gqa_t5x
+from gqa_t5x import cli
 from gqa_t5x import common_flags
+from gqa_t5x import errors
 
-DEFAULT_SEARCH_PATHS = common_flags.DEFAULT_SEARCH_PATHS
-
-flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process runs.')
-flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
-flags.DEFINE_integer('process_id', None, 'This process index in a multi-process run.')
-flags.DEFINE_bool('multiprocess', False, 'Call jax.distributed.initialize() with the '
-                  "platform's auto-detection (TPU pods, SLURM) when no coordinator is given.")
-
-FLAGS = flags.FLAGS
-_GIN_CALL_NOTE = '\n  In call to configurable'  # gin appends this to errors raised in a job
-_GIN_FLAG = re.compile(r'^--gin\.([^=]+)=(.*)$', re.DOTALL)
+DEFAULT_SEARCH_PATHS = ('.',)  # T5X's; the project's gin configs are always searched after them
 
 
-def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
-  """--gin.NAME=value -> --gin_bindings='NAME = value' (T5X's shorthand)."""
-  return [f'--gin_bindings={m.group(1)} = {m.group(2)}' if (m := _GIN_FLAG.match(a)) else a
-          for a in argv]
+def search_path(user_paths: Sequence[str]) -> list[str]:
+  """T5X's order: the user's paths first, then the project's own gin configs."""
+  return [*user_paths, str(gqa_t5x.GIN_CONFIGS_DIR)]
+
+
+class _SearchMissFilter(python_logging.Filter):
+  """gin's package-resource reader logs an ERROR for every search path that lacks a gin file,
+  even when a later one has it; gin raises by itself when none has it."""
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    return not record.pathname.endswith(os.path.join('gin', 'resource_reader.py'))
+
+
+python_logging.getLogger().addFilter(_SearchMissFilter())  # gin logs through the root logger
+
+
+rewrite_gin_args = cli.rewrite_gin_args  # --gin.NAME=value -> --gin_bindings (T5X's shorthand)
 
 
 def _macro_names(bindings: Sequence[str]) -> set[str]:
@@ -66,7 +72,7 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
     raise errors.ConfigError('No --gin_file given: pass a model gin (e.g. models/t5_1_1/small.gin) and a '
                      'run gin (e.g. runs/pretrain.gin).')
   gin.clear_config()
-  for path in search_paths:
+  for path in search_path(search_paths):
     gin.add_config_file_search_path(path)
   try:
     gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=False)
@@ -82,11 +88,14 @@ def model_config(gin_files: Sequence[str], bindings: Sequence[str] = (),
   """The network.T5Config that model gin files bind; leaves gin's global config empty."""
   from gqa_t5x import network  # pylint: disable=g-import-not-at-top  (jax only when needed)
   gin.clear_config()
-  for path in search_paths:
+  for path in search_path(search_paths):
     gin.add_config_file_search_path(path)
   try:
     gin.parse_config_files_and_bindings(list(gin_files), list(bindings))
     return gin.get_configurable(network.T5Config)()
+  except (OSError, TypeError, ValueError) as e:
+    raise errors.ConfigError('the gin files must configure gqa_t5x.network.T5Config (a model gin '
+                             f'such as models/t5_1_1/small.gin): {str(e).splitlines()[0]}') from e
   finally:
     gin.clear_config()
 
@@ -106,29 +115,29 @@ def _import_task_module() -> None:
                                'name an importable module that registers your tasks.') from e
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(settings: common_flags.MultiprocessFlags) -> None:
   """jax.distributed.initialize from the flags; CPU processes talk over gloo."""
-  if FLAGS.coordinator_address or FLAGS.multiprocess:
-    import jax
+  if settings.coordinator_address.value or settings.auto_detect.value:
+    import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    jax.distributed.initialize(coordinator_address=settings.coordinator_address.value,
+                               num_processes=settings.process_count.value,
+                               process_id=settings.process_index.value)
 
 
-def run(job: Callable[[], object]) -> Callable[[], None]:
-  """A console-script `main` that parses the gin flags, then runs the gin-configured job."""
+def command(name: str, job: str, description: str):
+  """The console-script `main` of `name`: parses the gin flags, then runs the gin-configured
+  gqa_t5x.runs.<job> (imported only then, so that --help and flag errors are quick)."""
+  gin_flags, multiprocess = common_flags.gin(), common_flags.multiprocess()
+
   def job_main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'Unexpected arguments {argv[1:]}: configure runs with --gin_file and '
-                           '--gin.NAME=value.')
-    try:
-      initialize_distributed()
-      parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-      logging.info('Gin config:\n%s', gin.config_str())
-      gin.get_configurable(job)()  # the gin-bound version of the job
-    except errors.ConfigError as e:
-      sys.exit(f'Error: {str(e).split(_GIN_CALL_NOTE)[0]}')
+    cli.no_positional_arguments(argv)
+    initialize_distributed(multiprocess)
+    parse_gin(gin_flags.files.value, gin_flags.bindings.value, gin_flags.search_paths.value)
+    logging.debug('Gin config:\n%s', gin.config_str())
+    runs = importlib.import_module('gqa_t5x.runs')
+    gin.get_configurable(getattr(runs, job))()  # the gin-bound version of the job
 
   def main(argv=None):
-    app.run(job_main, argv=rewrite_gin_args(sys.argv if argv is None else argv))
+    cli.run(name, job_main, description, argv)
   return main

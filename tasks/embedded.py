@@ -3,6 +3,8 @@
 They use `vocab.embedded_vocabulary` (by default a small SentencePiece model trained on the
 corpus and cached), so a tiny model can run them on a CPU.
 """
+import logging
+
 import seqio
 import tensorflow as tf
 
@@ -11,6 +13,17 @@ from gqa_t5x.tasks import corpus
 from gqa_t5x.tasks import preprocessors
 from gqa_t5x.tasks import span_corruption
 from gqa_t5x.tasks import vocab
+
+
+class _ReplayedShufflingFilter(logging.Filter):
+  """Drops seqio's warning that an uncached FunctionDataset shuffles differently after a restart:
+  these tasks are small and in memory, and a resumed run replays its data position exactly."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using an uncached FunctionDataset for training")
+
+
+logging.getLogger("absl").addFilter(_ReplayedShufflingFilter())  # seqio logs through absl's
 
 VOCABULARY = vocab.DeferredVocabulary(vocab.embedded_vocabulary)
 OUTPUT_FEATURES = {

@@ -1,5 +1,20 @@
-"""Test-wide set-up: 8 host CPU devices for mesh tests (must precede the first jax import)."""
+"""Test-wide set-up: 8 host CPU devices for mesh tests (must precede the first jax import), and
+the project installed from its wheel."""
 import os
+
+import pytest
+
+from tests import installation
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+
+@pytest.fixture(scope='session')
+def installed(tmp_path_factory):
+  """The wheel pip-installed into a fresh venv (tests/installation.py), built once per run: the
+  xdist workers share it."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # this run's directory, above the workers' own
+  return installation.get(str(root / 'installed'))

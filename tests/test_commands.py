@@ -1,7 +1,7 @@
 """Every command's module can be imported into one process (a notebook, a test worker).
 
 absl flags are process-global, so two commands defining the same flag would raise
-DuplicateFlagError on import; shared flags live in gqa_t5x.common_flags.
+DuplicateFlagError on import; shared flags are defined once, by gqa_t5x.common_flags' functions.
 """
 import subprocess
 import sys

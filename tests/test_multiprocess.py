@@ -51,7 +51,7 @@ def test_two_processes_agree_with_one_process_on_the_same_global_batch(tmp_path)
   for i in range(2):
     log = str(tmp_path / f'process_{i}.log')
     processes.append((helpers.start('gqa_t5x.train', flags + [
-        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+        f'--coordinator_address=127.0.0.1:{port}', '--process_count=2', f'--process_index={i}'],
         helpers.env(cache, num_devices=2), log), log))
   expected = _single_process_reference(cache)
   for process, log in processes:

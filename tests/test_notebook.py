@@ -1,13 +1,14 @@
 """notebooks/gqa_t5x_colab.ipynb, executed top to bottom in its tiny local mode (CPU, generated
-checkpoint, embedded tasks), then checked against what each stage must have produced."""
+checkpoint, embedded tasks) in a fresh environment where its install cell pip-installs the
+project's wheel, outside the checkout; then checked against what each stage must have produced."""
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from tests import installation
 from tests import runner_helpers
 
 NOTEBOOK = os.path.join(runner_helpers.REPO, 'notebooks', 'gqa_t5x_colab.ipynb')
@@ -27,33 +28,44 @@ def code_cells(path: str) -> list:
 
 
 # Runs the cells in one namespace, like a kernel; after the parameters cell, an injected cell
-# switches to local mode (as papermill does). Then dumps what the checks below need.
+# switches to local mode and names the wheel to install (as papermill does). Then dumps what the
+# checks below need.
 _KERNEL = """
 import json, sys
-cells, work_dir, results = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+cells, parameters, results = (json.load(open(sys.argv[1])), json.load(open(sys.argv[2])),
+                              sys.argv[3])
 namespace = {'__name__': '__main__'}
 for cell in cells:
   exec(compile(cell['source'], cell['id'], 'exec'), namespace)
   if 'parameters' in cell['metadata'].get('tags', []):
-    exec(f'LOCAL_MODE = True\\nWORK_DIR = {work_dir!r}', namespace)
-json.dump({name: namespace[name] for name in sys.argv[4:]}, open(results, 'w'))
+    namespace.update(parameters)
+json.dump({'gqa_t5x_file': sys.modules['gqa_t5x'].__file__,
+           **{name: namespace[name] for name in sys.argv[4:]}}, open(results, 'w'))
 """
 RESULTS = ('SOURCE', 'CONVERTED', 'MODEL_DIR', 'UPTRAIN_STEPS', 'losses', 'scores', 'bench')
 
 
 @pytest.fixture(scope='module')
-def executed(tmp_path_factory):
-  """The notebook run top to bottom in a fresh interpreter (a new kernel), in local mode."""
+def executed(tmp_path_factory, installed):
+  """The notebook run top to bottom by a new kernel (a fresh interpreter) in local mode, in a
+  fresh venv without the project, from a directory outside the checkout."""
   root = tmp_path_factory.mktemp('notebook')
   work_dir, cells, results = root / 'work', root / 'cells.json', root / 'results.json'
   cells.write_text(json.dumps(code_cells(NOTEBOOK)))
-  environment = dict(runner_helpers.env(str(root / 'cache'), num_devices=8), MPLBACKEND='Agg')
+  parameters = root / 'parameters.json'
+  parameters.write_text(json.dumps({'LOCAL_MODE': True, 'WORK_DIR': str(work_dir),
+                                    'PROJECT_SOURCE': installed.wheel}))
+  python = installation.fresh_venv(str(root / 'venv'))
+  environment = dict(runner_helpers.env(str(root / 'cache'), num_devices=8), MPLBACKEND='Agg',
+                     **installation.OFFLINE_PIP)
   log = str(root / 'notebook.log')
-  process = subprocess.Popen([sys.executable, '-c', _KERNEL, str(cells), str(work_dir),
-                              str(results), *RESULTS], cwd=runner_helpers.REPO,
-                             env=environment, stdout=open(log, 'w'), stderr=subprocess.STDOUT)
+  process = subprocess.Popen([python, '-c', _KERNEL, str(cells), str(parameters), str(results),
+                              *RESULTS], cwd=root, env=environment, stdout=open(log, 'w'),
+                             stderr=subprocess.STDOUT)
   runner_helpers.wait(process, log, timeout=600)
-  return dict(json.loads(results.read_text()), WORK_DIR=str(work_dir))
+  executed = json.loads(results.read_text())
+  assert executed['gqa_t5x_file'].startswith(str(root / 'venv')), executed['gqa_t5x_file']
+  return dict(executed, WORK_DIR=str(work_dir))
 
 
 def test_parameters_cell_defaults_to_tpu_mode_with_a_t5_checkpoint():

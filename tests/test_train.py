@@ -169,8 +169,8 @@ def test_missing_required_macro_fails_in_one_line_from_the_command_line(tmp_path
   result = subprocess.run([sys.executable, '-m', 'gqa_t5x.train', *flags, '--gin.TRAIN_STEPS=2'],
                           cwd=helpers.REPO, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  assert result.returncode == 1
+  assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
-      'Error: Missing required gin macro MODEL_DIR: pass --gin.MODEL_DIR=... '
+      'gqa-t5x-train: error: Missing required gin macro MODEL_DIR: pass --gin.MODEL_DIR=... '
       '(strings need quotes, e.g. --gin.MODEL_DIR=\\"/tmp/run\\").')
   assert 'Traceback' not in result.stderr

@@ -3,7 +3,7 @@
 # `python -m t5x.train/eval/infer` with gin_configs/t5x/ and for tests/test_t5x_configs.py.
 #
 # T5X is not on PyPI, and its setup.py asks for flax/optax/seqio/clu from git heads. Instead:
-# the project's pinned stack (tools/requirements*.txt), then T5X, AirIO and JEstimator from
+# the project's pinned stack (tools/requirements.txt), then T5X, AirIO and JEstimator from
 # their repositories at the commits tested with it, without their declared dependencies, then
 # the few packages they import that the stack lacks. Nothing is installed into this repository.
 #
@@ -21,7 +21,6 @@ JESTIMATOR_COMMIT=326824a477feef6d92e6f44175000907a72899ca  # google-research/je
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install "pip>=24,<27" "setuptools>=70,<81" wheel flit_core
 "${PIP[@]}" install -r tools/requirements.txt
-"${PIP[@]}" install --no-deps -r tools/requirements-nodeps.txt
 "${PIP[@]}" install --no-deps -e .
 "${PIP[@]}" install --no-deps \
   "git+https://github.com/google-research/jestimator@${JESTIMATOR_COMMIT}" \

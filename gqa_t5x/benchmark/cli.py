@@ -17,8 +17,8 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from gqa_t5x import cli
 from gqa_t5x import common_flags
-from gqa_t5x.attention import check_kv_heads
 from gqa_t5x.benchmark import attention_step, decode, peer, report, roofline, timing
 
 LEVELS = ('attention', 'decode')
@@ -54,13 +54,14 @@ _BANDWIDTH_MIB = flags.DEFINE_integer('bandwidth_mib', 1024, 'Buffer for the rea
 _MATMUL_N = flags.DEFINE_integer('matmul_n', 2048, 'Side of the square matmul that measures '
                                  'the compute roof (large enough to hide dispatch: 8192 on GPUs).',
                                  lower_bound=64)
-# Shared with the other commands (common_flags): --kv_heads (default H, H/2, ..., 1),
-# --head_dim (default 64), --seed, --output_dir (JSON/Markdown/PNG; unset: print only).
-_KV_HEADS, _SEED, _OUTPUT_DIR = common_flags.KV_HEADS, common_flags.SEED, common_flags.OUTPUT_DIR
+# Shared with other commands: --kv_heads (default H, H/2, ..., 1), --head_dim (default 64),
+# --seed, --output_dir (JSON/Markdown/PNG; unset: print only).
+_KV_HEADS, _HEAD_DIM = common_flags.kv_heads(), common_flags.head_dim()
+_SEED, _OUTPUT_DIR = common_flags.seed(), common_flags.output_dir()
 
 
 def _head_dim() -> int:
-  return common_flags.HEAD_DIM.value or 64
+  return _HEAD_DIM.value or 64
 
 
 def _kv_heads(num_heads: int, requested: list[str]) -> list[int]:
@@ -71,16 +72,7 @@ def _kv_heads(num_heads: int, requested: list[str]) -> list[int]:
       values.append(g)
       g = g // 2 if g % 2 == 0 else 0
     return values if values[-1] == 1 else values + [1]
-  try:
-    values = [int(v) for v in requested]
-  except ValueError:
-    raise app.UsageError(f'--kv_heads must be integers; got {",".join(requested)}') from None
-  for g in values:
-    try:
-      check_kv_heads(num_heads, g, '--kv_heads')
-    except ValueError as e:
-      raise app.UsageError(str(e)) from None
-  return sorted(set(values), reverse=True)
+  return sorted(set(common_flags.checked_kv_heads(num_heads, requested)), reverse=True)
 
 
 def _choices(flag, allowed) -> list[str]:
@@ -252,14 +244,13 @@ def _writer(output_dir: str):
 
 
 def _main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])} (all options are --flags)')
+  cli.no_positional_arguments(argv)
   document = benchmark(_writer(_OUTPUT_DIR.value) if _OUTPUT_DIR.value else None)
   print('\n' + markdown(document))
 
 
-def main():
-  app.run(_main)
+def main(argv=None):
+  cli.run('gqa-t5x-benchmark', _main, __doc__, argv)
 
 
 if __name__ == '__main__':

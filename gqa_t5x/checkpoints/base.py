@@ -8,8 +8,10 @@ from typing import Callable
 
 import numpy as np
 
+from gqa_t5x import errors
 
-class CheckpointError(ValueError):
+
+class CheckpointError(errors.ConfigError):
   """A user-facing problem with a checkpoint or a request; the message is one line."""
 
 

@@ -9,19 +9,18 @@ claim of the paper decided held / contradicted / inconclusive. Rerunning reuses 
 an interrupted run continues where it stopped.
 """
 import os
-import sys
+import textwrap
 
-from absl import app
 from absl import flags
 
+from gqa_t5x import cli
 from gqa_t5x import common_flags
-from gqa_t5x import errors
-from gqa_t5x.reproduce import pipeline, presets, report, stages, stats
+from gqa_t5x.reproduce import presets
 
 _PRESET = flags.DEFINE_enum('preset', 'cpu', list(presets.PRESETS),
                             'Sizes: ' + '; '.join(f'{p.name}: {p.description}'
                                                   for p in presets.PRESETS.values()))
-_OUTPUT_DIR = common_flags.OUTPUT_DIR  # results/<preset> when unset
+_OUTPUT_DIR = common_flags.output_dir()  # results/<preset> when unset
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print every stage command and whether it is '
                              'finished, then stop.')
 
@@ -35,15 +34,17 @@ def _compilation_cache(work_dir: str) -> None:
 
 
 def _main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}; all options are --flags')
+  cli.no_positional_arguments(argv)
+  # pylint: disable=g-import-not-at-top  (here: --help and flag errors need no TensorFlow or JAX)
+  from gqa_t5x.reproduce import pipeline, report, stages, stats
   preset = presets.get(_PRESET.value)
   output_dir = os.path.abspath(_OUTPUT_DIR.value or os.path.join('results', preset.name))
   plan = stages.Plan(preset, os.path.join(output_dir, 'work'))
   if _DRY_RUN.value:
     for i, stage in enumerate(plan.stages, 1):
       state = 'finished' if stage.is_done() else 'to run'
-      print(f'[{i}/{len(plan.stages)}] {stage.name} ({state})\n    {stage.describe()}')
+      print(f'[{i}/{len(plan.stages)}] {stage.name} ({state})')
+      print(textwrap.fill(stage.describe(), 100, initial_indent='    ', subsequent_indent='    '))
     return
   _compilation_cache(plan.work_dir)
   summary = pipeline.run(plan, log=lambda s: print(s, flush=True))
@@ -56,9 +57,4 @@ def _main(argv) -> None:
 
 
 def main(argv=None) -> None:
-  def run(args):
-    try:
-      _main(args)
-    except errors.ConfigError as e:
-      sys.exit(f'gqa-t5x-reproduce: error: {e}')
-  app.run(run, argv=argv)
+  cli.run('gqa-t5x-reproduce', _main, __doc__, argv)
