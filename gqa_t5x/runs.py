@@ -33,7 +33,8 @@ def train(*, model: nn.Module, train_dataset_cfg: data.DatasetConfig, train_step
           checkpoint_cfg: checkpointing.CheckpointConfig = checkpointing.CheckpointConfig(),
           initial_checkpoint_path: Optional[str] = None, random_seed: int = 0,
           z_loss: float = 1e-4, label_smoothing: float = 0.0,
-          loss_normalizing_factor: Optional[float] = None, log_period: int = 100,
+          loss_normalizing_factor: Optional[float] = None,
+          num_microbatches: Optional[int] = None, log_period: int = 100,
           eval_period: Optional[int] = None,
           infer_eval_dataset_cfg: Optional[data.DatasetConfig] = None,
           train_eval_dataset_cfg: Optional[data.DatasetConfig] = None) -> TrainState:
@@ -47,7 +48,8 @@ def train(*, model: nn.Module, train_dataset_cfg: data.DatasetConfig, train_step
   mesh_partitioner = _partitioner(partitioner, model)
   trainer = Trainer(model, optimizer(learning_rate), mesh_partitioner, z_loss=z_loss,
                     label_smoothing=label_smoothing,
-                    loss_normalizing_factor=loss_normalizing_factor)
+                    loss_normalizing_factor=loss_normalizing_factor,
+                    num_microbatches=num_microbatches)
   evaluators = []
   if eval_period and infer_eval_dataset_cfg and data.has_metrics(infer_eval_dataset_cfg):
     evaluators.append(Evaluation(model, infer_eval_dataset_cfg, mesh_partitioner,

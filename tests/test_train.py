@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
+import optax
 import pytest
 
 from gqa_t5x import errors, gin_utils, losses, optimizers, partitioning, runs
@@ -70,6 +71,81 @@ def test_fresh_optimizer_state_from_a_checkpoint_step_continues_the_schedule():
   np.testing.assert_allclose(updates['decoder']['decoder_norm']['scale'],
                              -1e-3 * np.sign(grads['decoder']['decoder_norm']['scale']) *
                              np.sqrt(np.mean(np.square(scale))), rtol=1e-4)
+
+
+def _packed_batch(rows, seed=0, vocab=64, inputs=8, targets=6):
+  """Random packed rows: two segments per row, padding (weight 0) at the end of the targets."""
+  rng = np.random.default_rng(seed)
+  def segments(length, cut):
+    ids = np.where(np.arange(length) < cut, 1, 2)
+    positions = np.where(ids == 1, np.arange(length), np.arange(length) - cut)
+    return np.tile(ids, (rows, 1)).astype(np.int32), np.tile(positions, (rows, 1)).astype(np.int32)
+  targets_ids, target_positions = segments(targets, 3)
+  weights = np.ones((rows, targets), np.float32)
+  weights[:, -1] = rng.random(rows) < 0.5
+  inputs_ids, input_positions = segments(inputs, 5)
+  return {'encoder_input_tokens': rng.integers(1, vocab, (rows, inputs), dtype=np.int32),
+          'decoder_input_tokens': rng.integers(1, vocab, (rows, targets), dtype=np.int32),
+          'decoder_target_tokens': rng.integers(1, vocab, (rows, targets), dtype=np.int32),
+          'decoder_loss_weights': weights, 'encoder_segment_ids': inputs_ids,
+          'decoder_segment_ids': targets_ids, 'encoder_positions': input_positions,
+          'decoder_positions': target_positions}
+
+
+MICRO_MODEL = T5Config(vocab_size=64, emb_dim=16, num_heads=4, num_encoder_layers=1,
+                       num_decoder_layers=1, head_dim=8, mlp_dim=32, dropout_rate=0.0,
+                       num_decoder_self_kv_heads=2, num_decoder_cross_kv_heads=2)
+
+
+@pytest.fixture(scope='module')
+def micro_trainer():
+  """4 microbatches on the 2x4 mesh, SGD at rate 1: the new parameters are params - gradient."""
+  return trainer_lib.Trainer(
+      Transformer(MICRO_MODEL), optax.sgd(optax.constant_schedule(1.0)),
+      partitioning.Partitioner(num_partitions=4, kv_head_counts=MICRO_MODEL.kv_head_counts),
+      loss_normalizing_factor=7.0, num_microbatches=4)
+
+
+def test_microbatches_on_2x4_mesh_give_the_full_batch_update(micro_trainer):
+  trainer, model, batch = micro_trainer, micro_trainer.model, _packed_batch(rows=16)
+  state = trainer.init_state(seed=0)
+  params = jax.device_get(state.params)  # before train_step donates the state
+  new_state, metrics = trainer.train_step(state, trainer.partitioner.shard_batch(batch))
+
+  # Reference: one plain full-batch gradient on one device, SGD with rate 1.
+  def loss_fn(p):
+    logits = model.apply({'params': p}, batch['encoder_input_tokens'],
+                         batch['decoder_input_tokens'], batch['decoder_target_tokens'],
+                         encoder_segment_ids=batch['encoder_segment_ids'],
+                         decoder_segment_ids=batch['decoder_segment_ids'],
+                         encoder_positions=batch['encoder_positions'],
+                         decoder_positions=batch['decoder_positions'], enable_dropout=False)
+    token_loss, _ = losses.cross_entropy_with_z_loss(logits, batch['decoder_target_tokens'])
+    correct = logits.argmax(-1) == batch['decoder_target_tokens']
+    weights = batch['decoder_loss_weights']
+    return (token_loss * weights).sum() / 7.0, (correct * weights).sum() / weights.sum()
+
+  (want_loss, want_accuracy), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  assert trainer.num_microbatches == 4 and trainer.partitioner.data_parallel_size == 2
+  np.testing.assert_allclose(metrics['loss'], want_loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics['accuracy'], want_accuracy, rtol=1e-6)
+  assert metrics['num_tokens'] == batch['decoder_loss_weights'].sum()
+  got = jax.device_get(new_state.params)
+  flat_got = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+  for path, want in jax.tree_util.tree_flatten_with_path(
+      jax.tree.map(lambda p, g: p - g, params, grads))[0]:
+    np.testing.assert_allclose(flat_got[path], want, rtol=1e-5, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  # The step moved every parameter by far more than the tolerance: a wrong sum would show.
+  moved = min(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
+  assert moved > 1e-3
+
+
+def test_batch_that_microbatches_cannot_split_evenly_is_a_clear_error(micro_trainer):
+  state = micro_trainer.init_state(seed=0)
+  with pytest.raises(errors.ConfigError, match=r'BATCH_SIZE=12 must be a multiple of '
+                     r'num_microbatches=4 times the 2 data-parallel shards'):
+    micro_trainer.train_step(state, micro_trainer.partitioner.shard_batch(_packed_batch(rows=12)))
 
 
 def _train(tmp_path_factory, model_dir, **macros):
