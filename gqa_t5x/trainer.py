@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gqa_t5x import errors, losses
+from gqa_t5x import errors, losses, optimizers
 from gqa_t5x.partitioning import Partitioner
 
 PyTree = Any
@@ -58,15 +58,20 @@ class Trainer:
   def __init__(self, model: nn.Module, optimizer: optax.GradientTransformation,
                partitioner: Partitioner, *, z_loss: float = 1e-4,
                label_smoothing: float = 0.0, loss_normalizing_factor: Optional[float] = None,
-               num_microbatches: Optional[int] = None):
+               num_microbatches: Optional[int] = None, step_offset_fresh_slots: bool = True):
     """num_microbatches: T5X's gradient accumulation. Each step's batch is split into that many
     microbatches whose gradients are summed before the one optimizer update: the update of the
     whole batch, with the activation memory of one microbatch. None or 1: the whole batch at once.
+    step_offset_fresh_slots: a state started at step N (from a checkpoint) gives the Adafactor
+    slots it does not restore T5X's step_offset N: they decay as from step 0 (True), rather than
+    with the near-1 decay of step N (False), under which 1M-step-old statistics of zeros would take
+    tens of thousands of steps to fill and every update would be clipped meanwhile.
     """
     if num_microbatches is not None and num_microbatches < 1:
       raise errors.ConfigError(f'num_microbatches={num_microbatches} must be None or >= 1.')
     self.model, self.optimizer, self.partitioner = model, optimizer, partitioner
     self.num_microbatches = num_microbatches or 1
+    self.step_offset_fresh_slots = step_offset_fresh_slots
     self._loss_kwargs = dict(z_loss=z_loss, label_smoothing=label_smoothing,
                              loss_normalizing_factor=loss_normalizing_factor)
     self.abstract_params, params_shardings = abstract_params(model, partitioner)
@@ -90,14 +95,28 @@ class Trainer:
     with jax.set_mesh(self.partitioner.mesh), nn.logical_axis_rules(self.partitioner.rules):
       return fn(*args)
 
-  def init_state(self, seed: int, params: Optional[PyTree] = None, step: int = 0) -> TrainState:
-    """A fresh state (random parameters from seed, unless given) placed by the shardings."""
+  @property
+  def slot_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{parameter name: {slot: shape}} of the Adafactor slots a checkpoint can restore (the
+    (1,)-shaped placeholders of unused slots are left out)."""
+    return {name: {slot: getattr(state, slot).shape for slot in optimizers.SLOTS
+                   if getattr(state, slot).shape != (1,)}
+            for name, state in optimizers.slot_states(self.abstract_state.opt_state).items()}
+
+  def init_state(self, seed: int, params: Optional[PyTree] = None, step: int = 0,
+                 slots: Optional[dict[str, dict]] = None) -> TrainState:
+    """A state at `step` (random parameters from seed, unless given) placed by the shardings.
+
+    slots: restored Adafactor slots by parameter name ({slot: array}, and the slots' own step
+    'count' if the checkpoint kept one, else they count from `step`); every other parameter's
+    slots start fresh.
+    """
     # Loaded params go in as an argument: read from the closure, jit would bake every weight
     # into the compiled program as a constant.
     return self._under_rules(self._init, jax.random.key(seed), params,
-                             jnp.asarray(step, jnp.int32))
+                             jnp.asarray(step, jnp.int32), slots or {})
 
-  def _init_state(self, rng, params, step) -> TrainState:
+  def _init_state(self, rng, params, step, slots) -> TrainState:
     if params is None:
       params = self.model.init(rng, *_init_tokens(), enable_dropout=False)['params']
     else:  # its own buffers: jit would hand the caller's back, and train_step donates them
@@ -105,7 +124,14 @@ class Trainer:
     # optax schedules and Adafactor's decay read their own step counts: start them at the
     # checkpoint's step, as T5X's optimizer does (uptraining from step 1M runs at 1/sqrt(1M)).
     opt_state = optax.tree_utils.tree_set(self.optimizer.init(params), count=step)
-    return TrainState(step, params, opt_state)
+    fresh_count = jnp.zeros_like(step) if self.step_offset_fresh_slots else step
+    states = {}
+    for name, state in optimizers.slot_states(opt_state).items():
+      restored = dict(slots.get(name, {}))
+      count = restored.pop('count', step if name in slots else fresh_count)
+      states[name] = state._replace(count=jnp.asarray(count, state.count.dtype), **{
+          slot: jnp.asarray(value, getattr(state, slot).dtype) for slot, value in restored.items()})
+    return TrainState(step, params, optimizers.with_slot_states(opt_state, states))
 
   def train_step(self, state: TrainState, batch: dict,
                  dropout_seed: int = 0) -> tuple[TrainState, dict]:
