@@ -285,6 +285,7 @@ def test_table1_row_runs_stage_by_stage_with_its_documented_commands(row):
     assert bound['train_dataset_cfg'].mixture_or_task_name == 'gqa_c4_span_corruption'
     assert lengths_of(bound['train_dataset_cfg']) == PAPER_LENGTHS['gqa_c4_span_corruption']
     check_pretraining_recipe(bound, 1_000_000, batch_size=2048, num_microbatches=16)
+    assert bound['loss_normalizing_factor'] == 2048 * 114  # the public checkpoints' loss scale
     check_model(bound, size, groups)
     checkpoint, step = f"{bound['model_dir']}/checkpoint_1050000", 1_050_000
 
@@ -302,6 +303,7 @@ def test_table1_row_runs_stage_by_stage_with_its_documented_commands(row):
       assert dataset_cfg.mixture_or_task_name == task
       assert lengths_of(dataset_cfg) == PAPER_LENGTHS[task]
     check_finetuning_recipe(bound)
+    assert bound['loss_normalizing_factor'] == 2048 * 114
     check_model(bound, size, groups)
     model_dir = bound['model_dir']
 
