@@ -63,9 +63,9 @@ class Trainer:
     microbatches whose gradients are summed before the one optimizer update: the update of the
     whole batch, with the activation memory of one microbatch. None or 1: the whole batch at once.
     step_offset_fresh_slots: a state started at step N (from a checkpoint) gives the Adafactor
-    slots it does not restore T5X's step_offset N: they decay as from step 0 (True), rather than
-    with the near-1 decay of step N (False), under which 1M-step-old statistics of zeros would take
-    tens of thousands of steps to fill and every update would be clipped meanwhile.
+    slots it does not restore T5X's step_offset N, so they decay as from step 0 (True), not with
+    step N's near-1 decay (False): at N = 1M a zero second moment takes in 1.6e-5 of each squared
+    gradient per step, and the updates it scales stay clipped for tens of thousands of steps.
     """
     if num_microbatches is not None and num_microbatches < 1:
       raise errors.ConfigError(f'num_microbatches={num_microbatches} must be None or >= 1.')
