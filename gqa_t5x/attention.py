@@ -179,7 +179,10 @@ class GroupedQueryAttention(nn.Module):
       mask = causal if mask is None else mask * causal
 
     bias = mask_to_bias(mask, bias, k)
-    dropout = nn.Dropout(self.dropout_rate) if self.dropout_rate > 0 else None
+    # T5X's attention dropout: one mask per (batch, head, key), shared by every query position
+    # (the t axis of the [b, k, g, t, s] probabilities).
+    dropout = (nn.Dropout(self.dropout_rate, broadcast_dims=(-2,)) if self.dropout_rate > 0
+               else None)
     out = grouped_attention(query, keys, values, bias, self.dtype, self.float32_logits, dropout,
                             deterministic)
     # Heads joined first ([b, t, H*d], a free reshape): contracting (k, g, d) against a reshaped

@@ -142,5 +142,34 @@ def load_params(path: str, abstract_params: PyTree, what: str) -> tuple[PyTree, 
   return restored['target'], step
 
 
+# Where a checkpoint keeps each parameter's Adafactor slots: the runner's own layout (optax's
+# chain state, per-parameter second moments first, with their step count), then T5X's (and
+# gqa-t5x-convert's), state/param_states/<parameter>/<slot>.
+SLOT_PREFIXES = ('state/param_states/0/', 'state/param_states/')
+
+
+def load_slots(path: str, slot_shapes: dict[str, dict[str, tuple]],
+               what: str) -> dict[str, dict[str, np.ndarray]]:
+  """The Adafactor slots stored for every parameter whose slots all have the expected shapes.
+
+  slot_shapes: {parameter name: {slot: shape}} (Trainer.slot_shapes). A parameter whose slots are
+  missing or shaped differently (a pooled key/value kernel) is left out: its slots start fresh.
+  """
+  directory = resolve(path, what)
+  stored = stored_shapes(directory)
+  names = {}
+  for param, shapes in slot_shapes.items():
+    for prefix in SLOT_PREFIXES:
+      if shapes and all(stored.get(f'{prefix}{param}/{slot}') == shape
+                        for slot, shape in shapes.items()):
+        count = [f'{prefix}{param}/count'] if f'{prefix}{param}/count' in stored else []
+        names[param] = {n.rsplit('/', 1)[1]: n for n in [f'{prefix}{param}/{slot}'
+                                                         for slot in shapes] + count}
+        break
+  arrays = orbax_format.read_leaves(directory, [n for slots in names.values()
+                                                for n in slots.values()])
+  return {param: {slot: arrays[n] for slot, n in slots.items()} for param, slots in names.items()}
+
+
 def _name(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)

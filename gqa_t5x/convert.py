@@ -5,10 +5,10 @@ r"""Turns an MHA T5 checkpoint into a GQA checkpoint by pooling key/value heads 
 
 Reads T5X legacy (msgpack + tensorstore) or Orbax checkpoints from any path tensorstore/epath
 can open, and HuggingFace T5 directories (config.json + safetensors or PyTorch weights); writes
-an Orbax checkpoint in T5X's layout (state/ = target/... + state/step, no optimizer state) plus
-gqa_conversion.json, and for a HuggingFace input the model gin that matches it. Streams one
-tensor at a time. Exit status 2, with a one-line reason and nothing written, for any input or
-request that cannot be converted.
+an Orbax checkpoint in T5X's layout (state/ = target/... + state/step, and the source's optimizer
+slots, state/param_states/..., of every parameter left unchanged) plus gqa_conversion.json, and
+for a HuggingFace input the model gin that matches it. Streams one tensor at a time. Exit status
+2, with a one-line reason and nothing written, for any input or request that cannot be converted.
 """
 import json
 import os
@@ -76,22 +76,39 @@ def convert(input_path: str, output_path: str, kv_heads: dict[str, int], *,
   params, facts = plan.plan(checkpoint.params, kv_heads, head_dim=head_dim, method=method,
                             seed=seed, num_heads=num_heads,
                             progress=lambda n, size: Progress(n, size, 'fitting rotations').update)
+  slots = carried_slots(checkpoint, params)
+  facts['optimizer_slots'] = {
+      'carried_for': len({name.rpartition('/')[0] for name in slots}),
+      'fresh_for': sorted({name.rpartition('/')[0] for name in checkpoint.slots} -
+                          {name.rpartition('/')[0] for name in slots})}
   record = {'source': checkpoint.path, 'source_format': checkpoint.format,
             'output': os.fspath(output), 'step': int(checkpoint.step), **facts}
   if checkpoint.source_config is not None:
     record['source_config'] = checkpoint.source_config
   if model:
     record['model_gin'] = os.fspath(output / MODEL_GIN_FILE)
-  progress = progress or Progress(len(params) + 1, sum(t.nbytes for t in params.values()))
+  progress = progress or Progress(len(params) + len(slots) + 1,
+                                  sum(t.nbytes for t in (*params.values(), *slots.values())))
 
   def write(directory: epath.Path):
-    orbax_format.write(directory, params, checkpoint.step, progress.update)
+    orbax_format.write(directory, params, checkpoint.step, slots, progress.update)
     (directory / RECORD_FILE).write_text(json.dumps(record, indent=2) + '\n')
     if model:
       after = {kind: facts['attention'][kind]['kv_heads_after'] for kind in plan.KIND_NAMES}
       (directory / MODEL_GIN_FILE).write_text(model_gin(model, after, checkpoint.path))
   _write_atomically(output, overwrite, write)
   return record
+
+
+def carried_slots(checkpoint: Checkpoint, converted: dict) -> dict:
+  """The source's optimizer slots of every parameter the conversion leaves as it is.
+
+  Pooled key/value kernels (and, for --method=aligned, the rotated query and out kernels) are
+  new tensors: their slots are dropped, so a run from the output starts them fresh, while every
+  other parameter keeps the statistics it was trained with (T5X's fine-tuning restores them).
+  """
+  return {name: slot for name, slot in checkpoint.slots.items()
+          if converted[name.rpartition('/')[0]] is checkpoint.params[name.rpartition('/')[0]]}
 
 
 def _agreed(name: str, requested: int | None, from_checkpoint: int | None) -> int | None:

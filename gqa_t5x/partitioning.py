@@ -55,16 +55,17 @@ class Partitioner:
                           params_shardings: PyTree) -> PyTree:
     """Optimizer-state shardings: a slot shaped like its parameter is placed like it.
 
-    Adafactor's factored statistics (v_row, v_col) and placeholders are small (one vector per
-    kernel), so they are replicated rather than given derived specs.
+    Adafactor's factored statistics (v_row, v_col), step counts and placeholders are small (one
+    vector per kernel), so they are replicated rather than given derived specs. A parameter's
+    state may be one array or several (a per-parameter state such as Adafactor's).
     """
     params_def = jax.tree.structure(abstract_params)
 
     def place_slots(subtree):
-      leaves = params_def.flatten_up_to(subtree)
-      placed = [s if getattr(leaf, 'shape', None) == p.shape else self.replicated
-                for leaf, p, s in zip(leaves, jax.tree.leaves(abstract_params),
-                                      jax.tree.leaves(params_shardings))]
+      placed = [jax.tree.map(lambda x: s if x.shape == p.shape else self.replicated, state)
+                for state, p, s in zip(params_def.flatten_up_to(subtree),
+                                       jax.tree.leaves(abstract_params),
+                                       jax.tree.leaves(params_shardings))]
       return params_def.unflatten(placed)
 
     def is_params_shaped(subtree):

@@ -34,7 +34,9 @@ def train(*, model: nn.Module, train_dataset_cfg: data.DatasetConfig, train_step
           checkpoint_cfg: checkpointing.CheckpointConfig = checkpointing.CheckpointConfig(),
           initial_checkpoint_path: Optional[str] = None, random_seed: int = 0,
           z_loss: float = 1e-4, label_smoothing: float = 0.0,
-          loss_normalizing_factor: Optional[float] = None, log_period: int = 100,
+          loss_normalizing_factor: Optional[float] = None,
+          num_microbatches: Optional[int] = None, step_offset_fresh_slots: bool = True,
+          log_period: int = 100,
           eval_period: Optional[int] = None,
           infer_eval_dataset_cfg: Optional[data.DatasetConfig] = None,
           train_eval_dataset_cfg: Optional[data.DatasetConfig] = None) -> TrainState:
@@ -48,7 +50,9 @@ def train(*, model: nn.Module, train_dataset_cfg: data.DatasetConfig, train_step
   mesh_partitioner = _partitioner(partitioner, model)
   trainer = Trainer(model, optimizer(learning_rate), mesh_partitioner, z_loss=z_loss,
                     label_smoothing=label_smoothing,
-                    loss_normalizing_factor=loss_normalizing_factor)
+                    loss_normalizing_factor=loss_normalizing_factor,
+                    num_microbatches=num_microbatches,
+                    step_offset_fresh_slots=step_offset_fresh_slots)
   evaluators = []
   if eval_period and infer_eval_dataset_cfg and data.has_metrics(infer_eval_dataset_cfg):
     evaluators.append(Evaluation(model, infer_eval_dataset_cfg, mesh_partitioner,
@@ -76,9 +80,12 @@ def fit(trainer: Trainer, dataset: data.DatasetConfig | Iterable[dict], train_st
   made, from the data's first batch on (runs that read the same data share one made-once
   sequence instead of each building and filling the same pipeline). The run starts from
   MODEL_DIR's newest checkpoint, else from `initial_params` (parameters and their step, already
-  in memory), else from `initial_checkpoint_path`, else from random parameters. `evaluators`
-  (objects with `run(params, step) -> scores`) run every `eval_period` steps and at
-  `eval_steps`; returns the final state and {step: scores} of this call's evaluations.
+  in memory), else from `initial_checkpoint_path`, else from random parameters. From a
+  checkpoint path, the Adafactor slots stored for parameters of the same shapes are restored
+  too (T5X's fine-tuning restores them); the others start fresh (see Trainer's
+  step_offset_fresh_slots). `evaluators` (objects with `run(params, step) -> scores`) run every
+  `eval_period` steps and at `eval_steps`; returns the final state and {step: scores} of this
+  call's evaluations.
   """
   manager = checkpointing.manager(model_dir, checkpoint_cfg)
   restored = checkpointing.restore_latest(manager, trainer.abstract_state.to_checkpoint())
@@ -91,8 +98,13 @@ def fit(trainer: Trainer, dataset: data.DatasetConfig | Iterable[dict], train_st
   elif initial_checkpoint_path:
     params, step = checkpointing.load_params(
         initial_checkpoint_path, trainer.abstract_state.params, 'INITIAL_CHECKPOINT_PATH')
-    state, data_position = trainer.init_state(random_seed, params=params, step=step or 0), 0
-    logging.info('Initialised from %s (step %d)', initial_checkpoint_path, int(state.step))
+    slots = checkpointing.load_slots(initial_checkpoint_path, trainer.slot_shapes,
+                                     'INITIAL_CHECKPOINT_PATH')
+    state = trainer.init_state(random_seed, params=params, step=step or 0, slots=slots)
+    data_position = 0
+    logging.info('Initialised from %s (step %d); Adafactor slots restored for %d of %d '
+                 'parameters, the others start fresh', initial_checkpoint_path, int(state.step),
+                 len(slots), len(trainer.slot_shapes))
   else:
     state, data_position = trainer.init_state(random_seed), 0
   step, scores = int(state.step), {}

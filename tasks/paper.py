@@ -20,14 +20,14 @@ OUTPUT_FEATURES = {
     "targets": seqio.Feature(VOCABULARY, add_eos=True),
 }
 
-# T5.1.1 was pre-trained on c4/en 2.2.0, which current TFDS no longer builds; 3.x holds the
-# same English web text, with fixes.
+# T5.1.1's pre-training data, as T5's c4_v220_span_corruption reads it: uptraining continues
+# that pre-training on the same corpus version.
 seqio.TaskRegistry.add(
     "gqa_c4_span_corruption",
     source=PreparedTfdsDataSource(
-        "c4/en:3.1.0",
+        "c4/en:2.2.0",
         how_to_prepare=("build it with Apache Beam as https://www.tensorflow.org/datasets/"
-                        "catalog/c4 describes (`tfds build c4/en --data_dir={data_dir} "
+                        "catalog/c4 describes (`tfds build c4/en:2.2.0 --data_dir={data_dir} "
                         "--beam_pipeline_options=...`)")),
     preprocessors=[
         functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),

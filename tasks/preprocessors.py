@@ -41,9 +41,9 @@ def translate(source_key: str, target_key: str, source_name: str, target_name: s
 
 
 def _pad_punctuation(text):
-  """T5's TriviaQA text form: spaces around punctuation, runs of whitespace collapsed."""
+  """T5's TriviaQA text form: spaces around punctuation, runs of whitespace collapsed to one."""
   text = tf.strings.regex_replace(text, r"([[:punct:]])", r" \1 ")
-  return tf.strings.strip(tf.strings.regex_replace(text, r"\s+", " "))
+  return tf.strings.regex_replace(text, r"\s+", " ")
 
 
 def _contains(texts, substrings):
@@ -58,26 +58,26 @@ def _contains(texts, substrings):
 
 
 def trivia_qa(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """One example per evidence document that contains an answer alias, as T5 builds TriviaQA.
+  """T5's TriviaQA examples: one per (evidence document, normalized alias) pair that matches.
 
-  inputs 'question: <q> context: <document>', targets the first alias (as written, so that its
-  tokens occur in the inputs) found in the document; 'answers' keeps the question's
-  normalized aliases, the gold answers of the F1/EM metric.
+  inputs 'question: <q> context: <document>', targets the normalized (lower-case) alias, both in
+  T5's padded-punctuation form; a document matches an alias if its lower-cased text contains it.
+  T5 matches the alias as a regular expression; TFDS's normalized aliases hold no punctuation, so
+  a literal match is the same and cannot fail on a stray metacharacter. 'answers' keeps all the
+  question's normalized aliases, the gold answers of the F1/EM metric.
   """
 
   def examples(x):
-    contexts = tf.concat([x["entity_pages"]["wiki_context"],
-                          x["search_results"]["search_context"]], axis=0)
-    contexts = tf.map_fn(_pad_punctuation, contexts)
-    aliases = tf.map_fn(_pad_punctuation, x["answer"]["aliases"])
-    found = _contains(contexts, aliases)
-    has_answer = tf.reduce_any(found, axis=1)
-    first_alias = tf.argmax(tf.cast(found, tf.int32), axis=1)
-    question = _pad_punctuation(x["question"])
-    inputs = tf.strings.join(["question: ", question, " context: ", contexts])
-    return tf.data.Dataset.from_tensor_slices({
-        "inputs": tf.boolean_mask(inputs, has_answer),
-        "targets": tf.boolean_mask(tf.gather(aliases, first_alias), has_answer),
+    contexts = _pad_punctuation(tf.concat([x["entity_pages"]["wiki_context"],
+                                           x["search_results"]["search_context"]], axis=0))
+    aliases = _pad_punctuation(x["answer"]["normalized_aliases"])
+    found = tf.reshape(_contains(tf.strings.lower(contexts), tf.strings.lower(aliases)), [-1])
+    inputs = tf.strings.regex_replace(tf.strings.join(
+        ["question:", _pad_punctuation(x["question"]), "context:", contexts], separator=" "),
+        r"\s+", " ")
+    return tf.data.Dataset.from_tensor_slices({  # context-major, as T5 orders the pairs
+        "inputs": tf.boolean_mask(tf.repeat(inputs, tf.size(aliases)), found),
+        "targets": tf.boolean_mask(tf.tile(aliases, [tf.size(contexts)]), found),
     }).map(lambda ex: {**ex, "answers": x["answer"]["normalized_aliases"]})
 
   return dataset.flat_map(examples)

@@ -7,7 +7,7 @@ replaced by its relative tensorstore spec; unpartitioned leaves and step are sto
 Shared by the tests and tools/benchmark_convert.py (which streams a 3 GB checkpoint through it).
 """
 import os
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 import tensorstore as ts
@@ -25,20 +25,25 @@ def chunk_shape(shape, itemsize) -> list[int]:
 
 
 def write_legacy_checkpoint(directory: str, params: Iterable[tuple[str, np.ndarray]],
-                            step: int, inline: Iterable[str] = ()) -> None:
-  """params: ('encoder/layers_0/attention/key/kernel', array) pairs, written one at a time."""
+                            step: int, inline: Iterable[str] = (),
+                            slots: Optional[dict[str, dict[str, np.ndarray]]] = None) -> None:
+  """params: ('encoder/layers_0/attention/key/kernel', array) pairs, written one at a time.
+
+  slots: Adafactor slots by parameter name ({'v_row': ..., ...}); without, zeros of T5X's
+  shapes for a factored kernel (2-D) or an unfactored vector."""
   os.makedirs(directory)
-  inline = set(inline)
+  inline, given = set(inline), slots or {}
   target, param_states = {}, {}
   for name, array in params:
     *parents, leaf = name.split('/')
-    node, slots = target, param_states
+    node, states = target, param_states
     for key in parents:
-      node, slots = node.setdefault(key, {}), slots.setdefault(key, {})
+      node, states = node.setdefault(key, {}), states.setdefault(key, {})
     # Adafactor's factored second moments, small enough to be inline in real checkpoints too.
-    slots[leaf] = ({'v_row': np.zeros(array.shape[0], np.float32),
-                    'v_col': np.zeros(array.shape[1], np.float32)} if array.ndim == 2
-                   else {'v': np.zeros(array.shape, np.float32)})
+    states[leaf] = (given[name] if name in given else
+                    {'v_row': np.zeros(array.shape[0], np.float32),
+                     'v_col': np.zeros(array.shape[1], np.float32)} if array.ndim == 2
+                    else {'v': np.zeros(array.shape, np.float32)})
     if name in inline:
       node[leaf] = array
       continue

@@ -1,4 +1,5 @@
 """GroupedQueryAttention against an independent per-head numpy reference."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,3 +152,30 @@ def test_decode_step_never_materialises_kv_repeated_to_all_heads(num_kv_heads):
   # values repeated to H heads would be [b, H, d, s].
   assert largest == max(b * num_kv_heads * D * length, b * H * length)
   assert largest < b * H * D * length
+
+
+def test_dropout_mask_is_shared_across_queries_and_drawn_per_key():
+  # T5X drops attention probabilities with one mask per (batch, head, key) for all queries.
+  x_q, x_kv, _, _ = _inputs(seed=5, b=2, t=6, s=40)
+  layer = GroupedQueryAttention(H, 2, D, dropout_rate=0.5)
+  params = layer.init(jax.random.PRNGKey(0), x_q, x_kv)['params']
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, nn.Dropout):
+      seen.append((np.asarray(args[0]), np.asarray(out)))
+    return out
+
+  with nn.intercept_methods(record):
+    layer.apply({'params': params}, x_q, x_kv, deterministic=False,
+                rngs={'dropout': jax.random.PRNGKey(1)})
+  (probs, dropped), = seen
+  assert probs.shape == (2, 2, H // 2, 6, 40)  # [b, k, g, t, s]
+  kept = dropped != 0
+  np.testing.assert_allclose(dropped[kept], probs[kept] * 2, rtol=1e-6)  # kept ones scaled 1/0.5
+  assert (kept == kept[:, :, :, :1, :]).all()  # every query position sees the same mask
+  per_key = kept[:, :, :, 0, :]
+  assert 0.3 < per_key.mean() < 0.7  # about half the keys kept, drawn independently...
+  assert (per_key != per_key[..., :1]).any(axis=-1).all()  # ...so each row mixes kept and dropped
+  assert (per_key[0] != per_key[1]).any()  # and rows differ across the batch

@@ -165,13 +165,15 @@ def test_t5_vocabulary_gin_takes_a_local_sentencepiece_model():
   assert arxiv.vocabulary.sentencepiece_model_file == '/data/spm.model'
 
 
-def check_pretraining_recipe(bound, global_step):
-  """T5.1.1's recipe: rsqrt decay after 10k warm-up steps, batch 128, packed, no dropout."""
+def check_pretraining_recipe(bound, global_step, batch_size=128, num_microbatches=None):
+  """T5.1.1's recipe: rsqrt decay after 10k warm-up steps, packed, no dropout; T5X's batch 128,
+  or T5's 2048 in microbatches of 128 for the paper's uptraining."""
   schedule = bound['learning_rate']
   assert float(schedule(0)) == pytest.approx(0.01) == float(schedule(9_999))
   assert float(schedule(global_step)) == pytest.approx(global_step ** -0.5)
   assert bound['model'].config.dropout_rate == 0.0
-  assert bound['train_dataset_cfg'].batch_size == 128 and bound['train_dataset_cfg'].pack
+  assert bound['train_dataset_cfg'].batch_size == batch_size and bound['train_dataset_cfg'].pack
+  assert bound['num_microbatches'] == num_microbatches
   assert bound['z_loss'] == 1e-4
 
 
@@ -220,7 +222,7 @@ def test_uptrain_alpha_gin_trains_alpha_of_the_original_million_steps(path):
         INITIAL_CHECKPOINT_PATH='/ckpt/c', MODEL_DIR='/runs/m')
   bound = gin.get_bindings(runs.train)
   assert bound['train_steps'] == round(1_000_000 * (1 + alpha))
-  check_pretraining_recipe(bound, 1_000_000)
+  check_pretraining_recipe(bound, 1_000_000, batch_size=2048, num_microbatches=16)
 
 
 def documented_commands(path):
@@ -282,7 +284,8 @@ def test_table1_row_runs_stage_by_stage_with_its_documented_commands(row):
     assert bound['train_steps'] == 1_050_000
     assert bound['train_dataset_cfg'].mixture_or_task_name == 'gqa_c4_span_corruption'
     assert lengths_of(bound['train_dataset_cfg']) == PAPER_LENGTHS['gqa_c4_span_corruption']
-    check_pretraining_recipe(bound, 1_000_000)
+    check_pretraining_recipe(bound, 1_000_000, batch_size=2048, num_microbatches=16)
+    assert bound['loss_normalizing_factor'] == 2048 * 114  # the public checkpoints' loss scale
     check_model(bound, size, groups)
     checkpoint, step = f"{bound['model_dir']}/checkpoint_1050000", 1_050_000
 
@@ -300,6 +303,7 @@ def test_table1_row_runs_stage_by_stage_with_its_documented_commands(row):
       assert dataset_cfg.mixture_or_task_name == task
       assert lengths_of(dataset_cfg) == PAPER_LENGTHS[task]
     check_finetuning_recipe(bound)
+    assert bound['loss_normalizing_factor'] == 2048 * 114
     check_model(bound, size, groups)
     model_dir = bound['model_dir']
 

@@ -14,6 +14,7 @@ from gqa_t5x.tasks import corpus
 from gqa_t5x.tasks import lengths
 from gqa_t5x.tasks import media_sum
 from gqa_t5x.tasks import paper
+from gqa_t5x.tasks import preprocessors
 from gqa_t5x.tasks import span_corruption
 from gqa_t5x.tasks import vocab
 from gqa_t5x.tasks.sources import DatasetNotPreparedError
@@ -146,12 +147,36 @@ def _trivia_qa_example(question, answers, wiki, search):
   }
 
 
-_LONG_CONTEXT = " ".join(["filler words here."] * 700) + " The capital is Paris , France ."
+# The answer in lower case: T5 targets the normalized alias and keeps a long document only where
+# the target's tokens occur in it.
+_LONG_CONTEXT = " ".join(["filler words here."] * 700) + " The capital is paris , France ."
 TRIVIA_QA_EXAMPLES = [  # one answerable question (in two documents), one not
     _trivia_qa_example("What is the capital of France?", ["Paris", "City of Light"],
                        [_LONG_CONTEXT], ["Nothing relevant.", "They call it the City of Light."]),
     _trivia_qa_example("Who?", ["Nobody"], ["No answer in here."], []),
 ]
+
+
+def test_trivia_qa_builds_one_example_per_matching_document_and_normalized_alias():
+  # T5's trivia_qa: every (document, normalized alias) pair whose lower-cased padded document
+  # contains the padded alias, document-major; the target is that alias.
+  examples = [
+      _trivia_qa_example("Where's the Eiffel Tower?", ["Paris", "Paris France", "City of Light"],
+                         ["It stands in PARIS, France."],
+                         ["The City of Light.", "Nothing.", "Visit paris france today."]),
+      _trivia_qa_example("Who?", ["Nobody"], ["No answer in here."], []),
+  ]
+  dataset = _mock_examples(examples)(None, "train")
+  got = [(ex["inputs"].decode(), ex["targets"].decode(), list(ex["answers"]))
+         for ex in preprocessors.trivia_qa(dataset).as_numpy_iterator()]
+  question = "question: Where ' s the Eiffel Tower ? context: "
+  aliases = [b"paris", b"paris france", b"city of light"]
+  assert got == [
+      (question + "It stands in PARIS , France . ", "paris", aliases),  # not "paris france": ","
+      (question + "The City of Light . ", "city of light", aliases),
+      (question + "Visit paris france today . ", "paris", aliases),
+      (question + "Visit paris france today . ", "paris france", aliases),
+  ]
 
 
 def _evaluate_with_perfect_predictions(task_name):
@@ -204,7 +229,7 @@ def test_trivia_qa_end_to_end_keeps_the_answer_in_the_window():
     examples = _examples("gqa_trivia_qa")
   vocabulary = paper.VOCABULARY
   # Two documents of question 1 hold an alias; question 2's document holds none.
-  assert [vocabulary.decode(ex["targets"].tolist()) for ex in examples] == ["Paris", "City of Light"]
+  assert [vocabulary.decode(ex["targets"].tolist()) for ex in examples] == ["paris", "city of light"]
   assert [list(ex["answers"]) for ex in examples] == [[b"paris", b"city of light"]] * 2
   long_inputs = examples[0]["inputs"].tolist()
   assert len(long_inputs) == 2048 and long_inputs[-1] == 1  # cut from ~2800 tokens
@@ -216,6 +241,7 @@ def test_trivia_qa_end_to_end_keeps_the_answer_in_the_window():
 def test_c4_span_corruption_on_mock_data_converts_to_uptraining_lengths():
   with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
     task = seqio.get_mixture_or_task("gqa_c4_span_corruption")
+    assert task.source.tfds_dataset.name == "c4/en:2.2.0"  # T5.1.1's (c4_v220_span_corruption)
     ds = task.get_dataset(lengths.UPTRAINING_FEATURE_LENGTHS, split="train", shuffle=False, seed=0)
     converted = list(seqio.EncDecFeatureConverter(pack=True)(
         ds, lengths.UPTRAINING_FEATURE_LENGTHS).as_numpy_iterator())

@@ -10,12 +10,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 
-from gqa_t5x import errors, gin_utils, losses, optimizers, partitioning, runs
+from gqa_t5x import convert, errors, gin_utils, losses, optimizers, partitioning, runs
 from gqa_t5x import trainer as trainer_lib
 from gqa_t5x.network import T5Config, Transformer
 from tests import runner_helpers as helpers
+from tests.t5x_layout import write_legacy_checkpoint
 
 
 def test_cross_entropy_with_z_loss_and_label_smoothing_matches_numpy():
@@ -70,6 +73,110 @@ def test_fresh_optimizer_state_from_a_checkpoint_step_continues_the_schedule():
   np.testing.assert_allclose(updates['decoder']['decoder_norm']['scale'],
                              -1e-3 * np.sign(grads['decoder']['decoder_norm']['scale']) *
                              np.sqrt(np.mean(np.square(scale))), rtol=1e-4)
+
+
+def test_adafactor_is_optax_adafactor_and_a_fresh_slot_decays_as_from_step_0():
+  # optax.adafactor (line for line T5X's) is the reference; each parameter here keeps its own
+  # step count, so one whose slots start fresh at step 1M runs as optax's would from step 0.
+  rng = np.random.default_rng(0)
+  params = {'kernel': jnp.asarray(rng.normal(size=(128, 160)), jnp.float32),
+            'scale': jnp.asarray(rng.normal(size=(16,)), jnp.float32)}
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+           for _ in range(3)]
+  ours, reference = optimizers.adafactor(0.01), optax.adafactor(0.01)
+  ours_state, reference_state = ours.init(params), reference.init(params)
+  ours_state = optax.tree_utils.tree_set(ours_state, count=jnp.asarray(1_000_000))
+  reference_state = optax.tree_utils.tree_set(reference_state, count=jnp.asarray(1_000_000))
+  fresh = optax.adafactor(0.01)  # the scale's statistics alone, from step 0
+  fresh_state = fresh.init({'scale': params['scale']})
+  slots = optimizers.slot_states(ours_state)
+  assert slots['kernel'].v_row.shape == (128,) and slots['scale'].v.shape == (16,)
+  ours_state = optimizers.with_slot_states(
+      ours_state, {'scale': slots['scale']._replace(count=jnp.asarray(0))})
+  for g in grads:
+    ours_update, ours_state = ours.update(g, ours_state, params)
+    reference_update, reference_state = reference.update(g, reference_state, params)
+    fresh_update, fresh_state = fresh.update({'scale': g['scale']}, fresh_state,
+                                             {'scale': params['scale']})
+    np.testing.assert_allclose(ours_update['kernel'], reference_update['kernel'], rtol=1e-6)
+    np.testing.assert_allclose(ours_update['scale'], fresh_update['scale'], rtol=1e-6)
+  # At step 1M the same statistics would barely move from zero: not what was applied.
+  assert not np.allclose(ours_update['scale'], reference_update['scale'], rtol=1e-2)
+
+
+def _packed_batch(rows, seed=0, vocab=64, inputs=8, targets=6):
+  """Random packed rows: two segments per row, padding (weight 0) at the end of the targets."""
+  rng = np.random.default_rng(seed)
+  def segments(length, cut):
+    ids = np.where(np.arange(length) < cut, 1, 2)
+    positions = np.where(ids == 1, np.arange(length), np.arange(length) - cut)
+    return np.tile(ids, (rows, 1)).astype(np.int32), np.tile(positions, (rows, 1)).astype(np.int32)
+  targets_ids, target_positions = segments(targets, 3)
+  weights = np.ones((rows, targets), np.float32)
+  weights[:, -1] = rng.random(rows) < 0.5
+  inputs_ids, input_positions = segments(inputs, 5)
+  return {'encoder_input_tokens': rng.integers(1, vocab, (rows, inputs), dtype=np.int32),
+          'decoder_input_tokens': rng.integers(1, vocab, (rows, targets), dtype=np.int32),
+          'decoder_target_tokens': rng.integers(1, vocab, (rows, targets), dtype=np.int32),
+          'decoder_loss_weights': weights, 'encoder_segment_ids': inputs_ids,
+          'decoder_segment_ids': targets_ids, 'encoder_positions': input_positions,
+          'decoder_positions': target_positions}
+
+
+MICRO_MODEL = T5Config(vocab_size=64, emb_dim=16, num_heads=4, num_encoder_layers=1,
+                       num_decoder_layers=1, head_dim=8, mlp_dim=32, dropout_rate=0.0,
+                       num_decoder_self_kv_heads=2, num_decoder_cross_kv_heads=2)
+
+
+@pytest.fixture(scope='module')
+def micro_trainer():
+  """4 microbatches on the 2x4 mesh, SGD at rate 1: the new parameters are params - gradient."""
+  return trainer_lib.Trainer(
+      Transformer(MICRO_MODEL), optax.sgd(optax.constant_schedule(1.0)),
+      partitioning.Partitioner(num_partitions=4, kv_head_counts=MICRO_MODEL.kv_head_counts),
+      loss_normalizing_factor=7.0, num_microbatches=4)
+
+
+def test_microbatches_on_2x4_mesh_give_the_full_batch_update(micro_trainer):
+  trainer, model, batch = micro_trainer, micro_trainer.model, _packed_batch(rows=16)
+  state = trainer.init_state(seed=0)
+  params = jax.device_get(state.params)  # before train_step donates the state
+  new_state, metrics = trainer.train_step(state, trainer.partitioner.shard_batch(batch))
+
+  # Reference: one plain full-batch gradient on one device, SGD with rate 1.
+  def loss_fn(p):
+    logits = model.apply({'params': p}, batch['encoder_input_tokens'],
+                         batch['decoder_input_tokens'], batch['decoder_target_tokens'],
+                         encoder_segment_ids=batch['encoder_segment_ids'],
+                         decoder_segment_ids=batch['decoder_segment_ids'],
+                         encoder_positions=batch['encoder_positions'],
+                         decoder_positions=batch['decoder_positions'], enable_dropout=False)
+    token_loss, _ = losses.cross_entropy_with_z_loss(logits, batch['decoder_target_tokens'])
+    correct = logits.argmax(-1) == batch['decoder_target_tokens']
+    weights = batch['decoder_loss_weights']
+    return (token_loss * weights).sum() / 7.0, (correct * weights).sum() / weights.sum()
+
+  (want_loss, want_accuracy), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  assert trainer.num_microbatches == 4 and trainer.partitioner.data_parallel_size == 2
+  np.testing.assert_allclose(metrics['loss'], want_loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics['accuracy'], want_accuracy, rtol=1e-6)
+  assert metrics['num_tokens'] == batch['decoder_loss_weights'].sum()
+  got = jax.device_get(new_state.params)
+  flat_got = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+  for path, want in jax.tree_util.tree_flatten_with_path(
+      jax.tree.map(lambda p, g: p - g, params, grads))[0]:
+    np.testing.assert_allclose(flat_got[path], want, rtol=1e-5, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  # The step moved every parameter by far more than the tolerance: a wrong sum would show.
+  moved = min(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
+  assert moved > 1e-3
+
+
+def test_batch_that_microbatches_cannot_split_evenly_is_a_clear_error(micro_trainer):
+  state = micro_trainer.init_state(seed=0)
+  with pytest.raises(errors.ConfigError, match=r'BATCH_SIZE=12 must be a multiple of '
+                     r'num_microbatches=4 times the 2 data-parallel shards'):
+    micro_trainer.train_step(state, micro_trainer.partitioner.shard_batch(_packed_batch(rows=12)))
 
 
 def _train(tmp_path_factory, model_dir, **macros):
@@ -131,6 +238,71 @@ def test_stopped_run_resumes_to_the_same_parameters(uninterrupted, tmp_path_fact
   assert expected.keys() == got.keys()
   for name in expected:
     np.testing.assert_allclose(got[name], expected[name], rtol=2e-4, atol=1e-5, err_msg=name)
+
+
+def _stored_tree(checkpoint_dir):
+  """Every array of checkpoint_<step>/state/ by 'a/b/c' name, by stock Orbax restore."""
+  directory = os.path.join(checkpoint_dir, 'state')
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(directory).item_metadata.tree
+  restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+      item=None, restore_args=helpers.jax_tree_map(
+          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)))
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def test_finetune_from_a_run_checkpoint_restores_every_slot_bit_identically(
+    uninterrupted, tmp_path_factory):
+  checkpoint = os.path.join(uninterrupted[0], 'checkpoint_12')
+  # TRAIN_STEPS = the checkpoint's step: the run stops right after building its first state.
+  state = _train(tmp_path_factory, str(tmp_path_factory.mktemp('finetune')), TRAIN_STEPS=12,
+                 INITIAL_CHECKPOINT_PATH=f'"{checkpoint}"')
+  stored = _stored_tree(checkpoint)
+  slots = optimizers.slot_states(state.opt_state)
+  assert len(slots) == len(jax.tree.leaves(state.params))
+  compared = 0
+  for name, slot_state in slots.items():
+    for field in ('v_row', 'v_col', 'v', 'count'):
+      np.testing.assert_array_equal(np.asarray(getattr(slot_state, field)),
+                                    stored[f'state/param_states/0/{name}/{field}'],
+                                    err_msg=f'{name}/{field}')
+      compared += int(np.count_nonzero(getattr(slot_state, field)))
+  assert compared > 40_000  # trained statistics, factored and not, of every parameter
+  assert int(state.step) == 12
+
+
+def test_finetune_from_a_converted_checkpoint_starts_fresh_slots_only_for_pooled_kernels(
+    tmp_path_factory):
+  # An MHA checkpoint in T5X's legacy layout with Adafactor slots of optax's (T5X's) shapes.
+  mha = helpers.flatten(helpers.tiny_params(num_kv_heads=8))
+  reference_state = optax.adafactor(1.0).init(mha)[0]
+  rng = np.random.default_rng(0)
+  source_slots = {name: {field: rng.random(getattr(reference_state, field)[name].shape,
+                                           dtype=np.float32) for field in ('v_row', 'v_col', 'v')}
+                  for name in mha}
+  work = tmp_path_factory.mktemp('converted')
+  source = str(work / 'mha' / 'checkpoint_1000')
+  write_legacy_checkpoint(source, mha.items(), step=1000, slots=source_slots)
+  output = str(work / 'gqa' / 'checkpoint_1000')
+  record = convert.convert(source, output, {'decoder_self': 2, 'decoder_cross': 2}, head_dim=16)
+  pooled = {f'decoder/layers_{i}/{module}/{projection}/kernel' for i in range(2)
+            for module in ('self_attention', 'encoder_decoder_attention')
+            for projection in ('key', 'value')}
+  assert record['optimizer_slots'] == {'carried_for': len(mha) - 8, 'fresh_for': sorted(pooled)}
+
+  state = _train(tmp_path_factory, str(work / 'run'), TRAIN_STEPS=1000,
+                 INITIAL_CHECKPOINT_PATH=f'"{output}"')
+  slots = optimizers.slot_states(state.opt_state)
+  assert slots.keys() == mha.keys()
+  for name, slot_state in slots.items():
+    for field in ('v_row', 'v_col', 'v'):
+      got = np.asarray(getattr(slot_state, field))
+      if name in pooled:  # fresh, and decaying as from step 0 (T5X's step_offset)
+        assert not got.any(), name
+      elif got.shape != (1,):
+        np.testing.assert_array_equal(got, source_slots[name][field], err_msg=name)
+    assert int(slot_state.count) == (0 if name in pooled else 1000), name
 
 
 def test_checkpoint_with_other_kv_heads_names_the_parameter(uninterrupted, tmp_path_factory):

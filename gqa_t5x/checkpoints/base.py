@@ -36,12 +36,18 @@ class LazyTensor:
     return cls(array.shape, array.dtype, lambda: array)
 
 
+# T5X's Adafactor slots of one parameter: second moments (factored or not) and momentum.
+SLOT_NAMES = ('v_row', 'v_col', 'v', 'm')
+
+
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
   """A T5X checkpoint's parameters (flat 'encoder/layers_0/...' names, no 'target/') and step.
 
-  Formats that describe their model (HuggingFace's config.json) also give the network's
-  T5Config fields (model_config) and the description they were read from (source_config).
+  slots: the optimizer slots stored for those parameters, flat '<parameter>/<slot>' names
+  (T5X's state/param_states layout without its prefix). Formats that describe their model
+  (HuggingFace's config.json) also give the network's T5Config fields (model_config) and the
+  description they were read from (source_config).
   """
   path: str
   format: str
@@ -49,6 +55,19 @@ class Checkpoint:
   step: np.ndarray
   model_config: dict | None = None
   source_config: dict | None = None
+  slots: dict[str, LazyTensor] = dataclasses.field(default_factory=dict)
+
+
+def slots_of(params: dict, param_states: dict):
+  """Yields ('<parameter>/<slot>', leaf) for the slots of `params` in a flat param_states dict.
+
+  Reads T5X's layout (<parameter>/<slot>) and gqa_t5x's runner's (optax's chain state:
+  0/<parameter>/<slot>, beside step counts, which are skipped).
+  """
+  for name, leaf in param_states.items():
+    param, _, slot = name.removeprefix('0/').rpartition('/')
+    if param in params and slot in SLOT_NAMES:
+      yield f'{param}/{slot}', leaf
 
 
 def flatten(tree: dict, prefix: str = '', is_leaf=lambda value: False):

@@ -16,7 +16,7 @@ import tensorstore as ts
 from etils import epath
 from flax import serialization
 
-from gqa_t5x.checkpoints.base import Checkpoint, CheckpointError, LazyTensor, flatten
+from gqa_t5x.checkpoints.base import Checkpoint, CheckpointError, LazyTensor, flatten, slots_of
 
 MSGPACK_FILE = 'checkpoint'
 
@@ -36,22 +36,30 @@ def read(path: epath.Path) -> Checkpoint:
   if not isinstance(optimizer, dict) or 'target' not in optimizer:
     raise CheckpointError(f"{msgpack_path} has no 'optimizer/target' parameter tree; "
                           'expected a T5X checkpoint written by t5x.checkpoints.Checkpointer')
-  leaves = dict(flatten(optimizer['target'], is_leaf=_is_ts_spec))
   context = ts.Context()
+  params = _tensors(dict(flatten(optimizer['target'], is_leaf=_is_ts_spec)), path, context)
+  state = optimizer.get('state', {})
+  param_states = dict(flatten(state.get('param_states', {}), is_leaf=_is_ts_spec))
+  slots = _tensors(dict(slots_of(params, param_states)), path, context)
+  return Checkpoint(os.fspath(path), 'T5X legacy (msgpack + tensorstore)', params,
+                    np.asarray(state.get('step', 0)), slots=slots)
+
+
+def _tensors(leaves: dict, path: epath.Path, context: ts.Context) -> dict[str, LazyTensor]:
+  """Inline arrays as they are; tensorstore specs opened (all at once: opening is concurrent)."""
   opened = {name: ts.open(_absolute_spec(leaf, os.fspath(path)), open=True, read=True,
                           context=context)
             for name, leaf in leaves.items() if _is_ts_spec(leaf)}
-  params = {}
+  tensors = {}
   for name, leaf in leaves.items():
     if name in opened:
       try:
-        params[name] = _lazy(opened[name].result())
+        tensors[name] = _lazy(opened[name].result())
       except ValueError as e:
         raise CheckpointError(f'cannot open array {name} of {path}: {e}') from e
     else:
-      params[name] = LazyTensor.of(leaf)
-  step = np.asarray(optimizer.get('state', {}).get('step', 0))
-  return Checkpoint(os.fspath(path), 'T5X legacy (msgpack + tensorstore)', params, step)
+      tensors[name] = LazyTensor.of(leaf)
+  return tensors
 
 
 def _lazy(store: ts.TensorStore) -> LazyTensor:

@@ -8,7 +8,7 @@ leaf as 'np.ndarray', so the result restores with stock Orbax and T5X, no custom
 """
 import asyncio
 import os
-from typing import Callable
+from typing import Callable, Collection
 
 import jax
 import numpy as np
@@ -16,7 +16,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from gqa_t5x.checkpoints.base import Checkpoint, CheckpointError, LazyTensor, flatten
+from gqa_t5x.checkpoints.base import (Checkpoint, CheckpointError, LazyTensor, flatten,
+                                     slots_of, unflatten)
 
 STATE_DIR = 'state'
 _METADATA_FILE = '_METADATA'  # Orbax's PyTree metadata file.
@@ -31,35 +32,61 @@ def tree_dir(path: epath.Path) -> epath.Path | None:
 
 
 def read(path: epath.Path) -> Checkpoint:
-  """Returns the parameters and step; every array is restored only on `LazyTensor.read`."""
+  """Returns the parameters, optimizer slots and step; every array is restored only on
+  `LazyTensor.read`."""
   directory = tree_dir(path)
   metadata = ocp.PyTreeCheckpointHandler().metadata(directory).tree
   if 'target' not in metadata:
     raise CheckpointError(f"the Orbax checkpoint {directory} has no 'target' parameter tree "
                           f"(top-level keys: {sorted(metadata)}); expected T5X's layout")
-  params = {name: LazyTensor(tuple(meta.shape), np.dtype(meta.dtype),
-                             _leaf_reader(directory, ('target',) + tuple(name.split('/'))))
-            for name, meta in flatten(metadata['target'])}
-  step_meta = metadata.get('state', {}).get('step')
-  step = _leaf_reader(directory, ('state', 'step'))() if step_meta is not None else 0
-  return Checkpoint(os.fspath(path), 'Orbax (T5X state/ PyTree)', params, np.asarray(step))
+
+  def lazy(name, meta):
+    return LazyTensor(tuple(meta.shape), np.dtype(meta.dtype),
+                      lambda: read_leaves(directory, [name], metadata)[name])
+
+  params = {name: lazy(f'target/{name}', meta) for name, meta in flatten(metadata['target'])}
+  state = metadata.get('state', {})
+  param_states = state.get('param_states', {})
+  if isinstance(param_states, list):  # the runner's optax chain state: its first element
+    param_states = {'0': param_states[0]}
+  slots = {name: lazy(f'state/param_states/{stored}', meta) for (name, (stored, meta)) in
+           slots_of(params, {n: (n, meta) for n, meta in flatten(param_states or {})})}
+  step = read_leaves(directory, ['state/step'], metadata)['state/step'] if 'step' in state else 0
+  return Checkpoint(os.fspath(path), 'Orbax (T5X state/ PyTree)', params, np.asarray(step),
+                    slots=slots)
 
 
-def _leaf_reader(directory: epath.Path, keys: tuple[str, ...]) -> Callable[[], np.ndarray]:
-  """Restores one leaf (Orbax partial restore), as a numpy array on the host."""
-  def nest(leaf):
-    for key in reversed(keys):
-      leaf = {key: leaf}
-    return leaf
+def read_leaves(directory: epath.Path, names: Collection[str],
+                metadata: dict | None = None) -> dict[str, np.ndarray]:
+  """Restores only the named leaves ('target/...', 'state/step'), as numpy arrays on the host.
 
-  def read_leaf() -> np.ndarray:
-    restored = ocp.PyTreeCheckpointHandler().restore(directory, args=ocp.args.PyTreeRestore(
-        item=nest(0), restore_args=nest(ocp.RestoreArgs(restore_type=np.ndarray)),
-        partial_restore=True))
-    for key in keys:
-      restored = restored[key]
-    return np.asarray(restored)
-  return read_leaf
+  Orbax's partial restore may leave out dict entries but needs every list (an optax chain state)
+  at its stored length, so the request mirrors the stored tree with None where nothing is read.
+  """
+  wanted = set(names)
+  if metadata is None:
+    metadata = ocp.PyTreeCheckpointHandler().metadata(directory).tree
+
+  def request(node, name):
+    if isinstance(node, dict):
+      kept = {k: request(v, f'{name}{k}/') for k, v in node.items()}
+      return {k: v for k, v in kept.items() if v is not None} or None
+    if isinstance(node, (list, tuple)):
+      kept = [request(v, f'{name}{i}/') for i, v in enumerate(node)]
+      return kept if any(v is not None for v in kept) else None
+    return ocp.RestoreArgs(restore_type=np.ndarray) if name[:-1] in wanted else None
+
+  restore_args = request(metadata, '')
+  restored = ocp.PyTreeCheckpointHandler().restore(directory, args=ocp.args.PyTreeRestore(
+      item=jax.tree.map(lambda _: 0, restore_args), restore_args=restore_args,
+      partial_restore=True))
+  leaves = {}
+  for name in wanted:
+    node = restored
+    for key in name.split('/'):
+      node = node[int(key)] if isinstance(node, list) else node[key]
+    leaves[name] = np.asarray(node)
+  return leaves
 
 
 class _StreamingHandler(ocp.type_handlers.NumpyHandler):
@@ -90,18 +117,16 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
 
 
 def write(directory: epath.Path, params: dict[str, LazyTensor], step: np.ndarray,
+          slots: dict[str, LazyTensor] | None = None,
           on_written: Callable[[str, int], None] = lambda name, nbytes: None) -> None:
-  """Creates `directory` with state/ in T5X's layout: target/<params> and state/step (no optimizer).
+  """Creates `directory` with state/ in T5X's layout: target/<params>, state/step and, if any,
+  the optimizer slots as state/param_states/<parameter>/<slot>.
 
   Uncompressed: trained weights barely compress (zstd saves a few percent on float32) while
   compressing makes the conversion about four times slower."""
-  tree = {'target': {}, 'state': {'step': LazyTensor.of(step)}}
-  for name, tensor in params.items():
-    node = tree['target']
-    *parents, leaf = name.split('/')
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = tensor
+  tree = {'target': unflatten(params), 'state': {'step': LazyTensor.of(step)}}
+  if slots:
+    tree['state']['param_states'] = unflatten(slots)
   registry = ocp.type_handlers.create_type_handler_registry(
       (jax.Array, ocp.type_handlers.ArrayHandler()),  # unused; Orbax warns if a registry lacks it
       (LazyTensor, _StreamingHandler(on_written)))
