@@ -349,7 +349,7 @@ def test_cli_reads_head_dim_and_kv_heads_from_gin(tmp_path):
   assert read_output(output)[0]['decoder/layers_1/self_attention/key/kernel'].shape == (128, 32)
 
 
-def test_streaming_save_overlaps_leaves_within_twice_the_largest():
+def test_streaming_save_overlaps_leaves_within_the_largest():
   """The writer's byte budget: arrival order, several small leaves at once, one oversized alone."""
   held, peaks, order = [], [], []
 
