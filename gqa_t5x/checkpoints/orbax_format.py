@@ -93,8 +93,15 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
   async def _stream(self, values, infos, args):
     budget = _ByteBudget(max((value.nbytes for value in values), default=0))
     # Leaves are admitted in order; each holds its bytes from its read until its write is done.
-    await asyncio.gather(*[self._save(value, info, arg, budget)
-                           for value, info, arg in zip(values, infos, args)])
+    saves = [asyncio.ensure_future(self._save(value, info, arg, budget))
+             for value, info, arg in zip(values, infos, args)]
+    try:
+      await asyncio.gather(*saves)
+    except BaseException:  # one leaf failed: stop the others before the error propagates
+      for save in saves:
+        save.cancel()
+      await asyncio.gather(*saves, return_exceptions=True)
+      raise
 
   async def _save(self, value, info, arg, budget):
     async with budget.hold(value.nbytes):
