@@ -3,7 +3,7 @@
 T5X (and this project's runner) keep a checkpoint as `checkpoint_N/state/`, an Orbax PyTree
 (OCDBT) of {'target': params, 'state': {'step', 'param_states'}}. Orbax saves a tree in one
 call; to keep peak memory at about one tensor, the leaves handed to it are `LazyTensor`s and a
-small TypeHandler reads, writes and drops them one after another. That handler records each
+small TypeHandler reads, writes and drops them, reading the next while writing the last. That handler records each
 leaf as 'np.ndarray', so the result restores with stock Orbax and T5X, no custom code.
 """
 import asyncio
@@ -73,8 +73,8 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
 
   Reads (decompression, pooling) of later leaves run in threads while earlier ones are written,
   so both cores stay busy. The leaves held at once (read and not yet written) add up to at most
-  the largest leaf: many small kernels overlap, the embedding goes alone, and peak memory is
-  what a one-at-a-time save needs for its largest leaf (reading one takes up to twice its size).
+  the largest leaf: many small kernels overlap, the embedding goes alone, and peak memory stays
+  about that of a one-at-a-time save (reading a leaf briefly takes up to twice its size).
   """
 
   def __init__(self, on_written: Callable[[str, int], None]):
