@@ -1,10 +1,11 @@
-"""Reads and writes T5X's Orbax checkpoints, one tensor at a time.
+"""Reads and writes T5X's Orbax checkpoints, a few tensors at a time.
 
 T5X (and this project's runner) keep a checkpoint as `checkpoint_N/state/`, an Orbax PyTree
 (OCDBT) of {'target': params, 'state': {'step', 'param_states'}}. Orbax saves a tree in one
-call; to keep peak memory at about one tensor, the leaves handed to it are `LazyTensor`s and a
-small TypeHandler reads, writes and drops them, reading the next while writing the last. That handler records each
-leaf as 'np.ndarray', so the result restores with stock Orbax and T5X, no custom code.
+call; to keep peak memory at about the largest tensor, the leaves handed to it are `LazyTensor`s
+and a small TypeHandler reads, writes and drops them, reading the next ones while writing the
+last. That handler records each leaf as 'np.ndarray', so the result restores with stock Orbax and
+T5X, no custom code.
 """
 import asyncio
 import contextlib
