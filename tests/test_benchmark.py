@@ -65,6 +65,20 @@ def test_flops_by_hand():
   assert roofline.decoder_step_flops(SMALL, 1) == 2 * (2 * (2 * 704 + 352) + 176)
 
 
+def test_prefill_by_hand():
+  # once per decode, each of 2 layers: k and v kernels 2*8*(2*2) = 64 weights, a multiply-add each
+  # for 2 samples x 10 encoder positions; reads the [2, 10, 8] encoder output, writes 2*2*4*10.
+  assert roofline.prefill_flops(SMALL) == 2 * 2 * 64 * 2 * 10
+  assert roofline.prefill_bytes(SMALL) == (2 * 10 * 8 + 2 * (64 + 2 * 2 * 4 * 10)) * 4
+  # The prefill (compute-bound here) and the steps (memory-bound) are floored separately.
+  bandwidth, flops_per_s = 1e3, 1e4
+  steps = max(sum([1848, 1880, 1912]) * 4 / bandwidth,
+              sum(roofline.decoder_step_flops(SMALL, t) for t in (1, 2, 3)) / flops_per_s)
+  assert steps == pytest.approx(22.56)
+  assert roofline.greedy_decode_floor(SMALL, bandwidth, flops_per_s) == pytest.approx(
+      max(2432 / bandwidth, 5120 / flops_per_s) + steps)
+
+
 def test_floor_is_the_slower_of_memory_and_compute():
   assert roofline.floor_seconds(3_000, 1_000.0) == 3.0
   assert roofline.floor_seconds(3_000, 1_000.0, flops=10_000, flops_per_s=1_000.0) == 10.0
@@ -141,9 +155,14 @@ def test_tool_runs_on_a_tiny_config(tiny_flags, tmp_path):
     bandwidth = row['read_bandwidth_bytes_per_s']
     g = cli._geometry(row['kv_heads'], 'float32')
     attention = row['level'] == 'attention'
-    total = roofline.attention_step_bytes(g, 3) if attention else roofline.greedy_decode_bytes(g)
-    flops = roofline.attention_step_flops(g, 3) if attention else roofline.greedy_decode_flops(g)
-    floor = max(total / bandwidth, flops / row['matmul_flops_per_s'])
+    flops_per_s = row['matmul_flops_per_s']
+    if attention:
+      floor = max(roofline.attention_step_bytes(g, 3) / bandwidth,
+                  roofline.attention_step_flops(g, 3) / flops_per_s)
+    else:
+      floor = (max(roofline.prefill_bytes(g) / bandwidth, roofline.prefill_flops(g) / flops_per_s)
+               + max(roofline.greedy_decode_bytes(g) / bandwidth,
+                     roofline.greedy_decode_flops(g) / flops_per_s))
     assert row['floor_per_sample_s'] == pytest.approx(floor / 2)
     assert row['time_per_sample_s'] == pytest.approx(row['median_s'] / 2)
   assert sorted(os.listdir(out)) == ['decode_benchmark.json', 'decode_benchmark.md',

@@ -4,6 +4,7 @@ Fixtures are written here: T5X's legacy layout by tests/t5x_layout.py (msgpack +
 zarr, no T5X import) and Orbax checkpoints with stock Orbax. Outputs are read back with stock
 Orbax only, and expected values come from plain loops, never from the code under test.
 """
+import asyncio
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from absl import flags
 from flax import traverse_util
 
 from gqa_t5x import convert
+from gqa_t5x.checkpoints.orbax_format import _ByteBudget
 from gqa_t5x.decoding import greedy_decode, init_cache
 from gqa_t5x.network import T5Config, Transformer
 from tests.t5x_layout import write_legacy_checkpoint
@@ -345,3 +347,25 @@ def test_cli_reads_head_dim_and_kv_heads_from_gin(tmp_path):
   assert {k: v['kv_heads_after'] for k, v in record['attention'].items()} == {
       'encoder': 8, 'decoder_self': 2, 'decoder_cross': 2}
   assert read_output(output)[0]['decoder/layers_1/self_attention/key/kernel'].shape == (128, 32)
+
+
+def test_streaming_save_overlaps_leaves_within_the_largest():
+  """The writer's byte budget: arrival order, several small leaves at once, one oversized alone."""
+  held, peaks, order = [], [], []
+
+  async def leaf(name, nbytes, budget):
+    async with budget.hold(nbytes):
+      order.append(name)
+      held.append(nbytes)
+      peaks.append((len(held), sum(held)))
+      await asyncio.sleep(0.01)
+      held.remove(nbytes)
+
+  async def run(sizes, limit):
+    budget = _ByteBudget(limit)
+    await asyncio.gather(*(leaf(i, n, budget) for i, n in enumerate(sizes)))
+
+  asyncio.run(run([6, 6, 12, 3, 3, 4], limit=10))
+  assert order == [0, 1, 2, 3, 4, 5]
+  assert max(peaks) == (3, 10)  # leaves 3, 4 and 5 held together, exactly at the limit
+  assert (1, 12) in peaks and all(total <= 10 for count, total in peaks if count > 1)

@@ -109,12 +109,14 @@ def measure_row(level: str, implementation: str, g: roofline.Geometry, dtype: st
   if level == 'attention':
     total_bytes = step_bytes = roofline.attention_step_bytes(g, g.output_length)
     flops = roofline.attention_step_flops(g, g.output_length)
+    floor = (None if bandwidth is None else
+             roofline.floor_seconds(total_bytes, bandwidth, flops, flops_per_s))
   else:
     total_bytes = roofline.greedy_decode_bytes(g)
     step_bytes = total_bytes / g.output_length
     flops = roofline.greedy_decode_flops(g)
-  floor = (None if bandwidth is None else
-           roofline.floor_seconds(total_bytes, bandwidth, flops, flops_per_s))
+    floor = (None if bandwidth is None else
+             roofline.greedy_decode_floor(g, bandwidth, flops_per_s))
   return {
       'level': level, 'implementation': implementation, 'dtype': dtype, 'kv_heads': g.kv_heads,
       'median_s': t.median_s, 'min_s': t.min_s, 'max_s': t.max_s, 'reps': t.reps,

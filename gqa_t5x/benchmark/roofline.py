@@ -7,7 +7,10 @@ floor; a time far above it means the implementation, not the hardware, is the li
 
 Counts are what a step *must* read: every weight matrix it multiplies by, the self-attention cache
 up to the current position and the whole cross-attention cache. Activations, norms and biases are
-a rounding error at these sizes and are left out.
+a rounding error at these sizes and are left out. A greedy decode also projects the encoder output
+into the cross-attention keys/values once (the prefill): at MHA width and input 2048 that is
+hundreds of GFLOP, compute-bound on a CPU, so its floor is added to the steps' (the encoder's own
+layers are not counted).
 """
 import dataclasses
 
@@ -77,6 +80,20 @@ def greedy_decode_bytes(g: Geometry) -> int:
   return sum(decoder_step_bytes(g, i + 1) for i in range(g.output_length))
 
 
+def prefill_bytes(g: Geometry) -> int:
+  """The one-off cross-attention key/value projection: encoder output, kernels and cache written."""
+  per_layer = 2 * g.emb_dim * g.kv_heads * g.head_dim + 2 * g.batch * g.kv_heads * g.head_dim * (
+      g.input_length)
+  elements = g.batch * g.input_length * g.emb_dim + g.num_decoder_layers * per_layer
+  return elements * g.bytes_per_element
+
+
+def prefill_flops(g: Geometry) -> int:
+  """A multiply-add per key/value kernel weight per encoder position, every decoder layer."""
+  return g.num_decoder_layers * 2 * 2 * g.batch * g.input_length * g.emb_dim * g.kv_heads * (
+      g.head_dim)
+
+
 def attention_step_flops(g: Geometry, self_length: int) -> int:
   """One layer's attention step: a multiply-add per weight per sample, plus q.k and p.v over the
   cached positions for every query head."""
@@ -94,6 +111,13 @@ def decoder_step_flops(g: Geometry, self_length: int) -> int:
 def greedy_decode_flops(g: Geometry) -> int:
   """All decoder steps (the encoder and the one-off cross key/value projection not counted)."""
   return sum(decoder_step_flops(g, i + 1) for i in range(g.output_length))
+
+
+def greedy_decode_floor(g: Geometry, bandwidth: float, flops_per_s: float) -> float:
+  """The prefill's floor plus the decoder steps': each phase is the slower of its bytes and flops
+  (the prefill is compute-bound and the steps memory-bound, so neither hides the other)."""
+  return (floor_seconds(prefill_bytes(g), bandwidth, prefill_flops(g), flops_per_s)
+          + floor_seconds(greedy_decode_bytes(g), bandwidth, greedy_decode_flops(g), flops_per_s))
 
 
 def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, reps: int = 5) -> float:

@@ -1,0 +1,128 @@
+r"""Training throughput of gqa-t5x-train beside T5X's t5x.train on the same model, data and mesh.
+
+  .venv/bin/python tools/benchmark_train.py --t5x_python=/work/t5x_venv/bin/python \
+      [--models=tiny,small] [--steps=60] [--log_period=10] [--batch=32] [--lengths=128,32]
+
+Both train from scratch with the pre-training recipe (Adafactor, rsqrt schedule, no dropout,
+packed span corruption on the embedded corpus) on one CPU device, the network of
+gin_configs/models/t5_1_1/<model>.gin (T5X: gin_configs/t5x/t5_1_1/<model>.gin wraps the same
+one), GQA-2 in the decoder. Throughput is each framework's own per-window report (steps/s and
+non-padding target tokens/s over the training steps of a window), median over the windows after
+the first (which holds compilation). The frameworks run alternately, --rounds times each, so drift
+on a shared machine hits both; the ratio is ours / T5X's median.
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASK = 'gqa_embedded_span_corruption'
+METRICS = ('timing/steps_per_second', 'timing/target_tokens_per_second')
+
+
+def common_macros(args, model_dir: str) -> dict:
+  inputs, targets = args.lengths
+  return {'MIXTURE_OR_TASK_NAME': f'"{TASK}"', 'MIXTURE_OR_TASK_MODULE': '"gqa_t5x.tasks"',
+          'TASK_FEATURE_LENGTHS': f"{{'inputs': {inputs}, 'targets': {targets}}}",
+          'TRAIN_STEPS': args.steps, 'BATCH_SIZE': args.batch, 'MODEL_DIR': f'"{model_dir}"',
+          'USE_CACHED_TASKS': False, 'NUM_KV_HEADS': 2}
+
+
+def ours(args, model: str, model_dir: str) -> list[str]:
+  macros = {**common_macros(args, model_dir), 'LOG_PERIOD': args.log_period,
+            'SAVING_PERIOD': args.steps}
+  return ([sys.executable, '-m', 'gqa_t5x.train', f'--gin_file=models/t5_1_1/{model}.gin',
+           '--gin_file=runs/pretrain.gin'] + [f'--gin.{k}={v}' for k, v in macros.items()])
+
+
+def t5x(args, model: str, model_dir: str) -> list[str]:
+  macros = {**common_macros(args, model_dir), 'train.eval_period': args.steps,
+            'train.stats_period': args.log_period, 'train.train_eval_dataset_cfg': None,
+            'utils.SaveCheckpointConfig.period': args.steps}
+  return ([args.t5x_python, '-m', 't5x.train', f'--gin_search_paths={REPO}/gin_configs',
+           f'--gin_file=t5x/t5_1_1/{model}.gin', '--gin_file=t5x/configs/runs/pretrain.gin',
+           '--gin_file=t5x/runs/partitioning.gin']
+          + [f'--gin.{k}={v}' for k, v in macros.items()])
+
+
+def our_windows(model_dir: str) -> list[dict]:
+  rows = [json.loads(line) for line in open(os.path.join(model_dir, 'train', 'metrics.jsonl'))]
+  return [{m: row[m] for m in METRICS} for row in rows if METRICS[0] in row]
+
+
+def t5x_windows(model_dir: str) -> list[dict]:
+  import tensorflow as tf  # only for reading T5X's TensorBoard events
+  by_step = {}
+  for path in sorted(glob.glob(os.path.join(model_dir, 'train', 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag in METRICS:
+          by_step.setdefault(event.step, {})[value.tag] = float(tf.make_ndarray(value.tensor))
+  return [by_step[s] for s in sorted(by_step) if len(by_step[s]) == len(METRICS)]
+
+
+def run(command: list[str], model_dir: str, log_path: str) -> None:
+  os.makedirs(os.path.dirname(log_path), exist_ok=True)
+  environment = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+                     GQA_T5X_CACHE_DIR=os.path.join(os.path.dirname(model_dir), 'vocab'))
+  with open(log_path, 'w') as log:
+    result = subprocess.run(command, cwd=REPO, env=environment, stdout=log,
+                            stderr=subprocess.STDOUT)
+  if result.returncode:
+    sys.exit(f'{command[:3]} failed (exit {result.returncode}); see {log_path}:\n'
+             + open(log_path).read()[-3000:])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--t5x_python', required=True, help='python of a venv with T5X installed')
+  parser.add_argument('--models', default='tiny,small')
+  parser.add_argument('--steps', type=int, default=60)
+  parser.add_argument('--log_period', type=int, default=10)
+  parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--lengths', type=lambda s: tuple(int(x) for x in s.split(',')),
+                      default=(128, 32), help='inputs,targets')
+  parser.add_argument('--rounds', type=int, default=2)
+  parser.add_argument('--workdir', default='')
+  args = parser.parse_args()
+  if args.steps < 2 * args.log_period:
+    parser.error('--steps must cover at least two --log_period windows (the first compiles)')
+  workdir = args.workdir or tempfile.mkdtemp(prefix='gqa_train_bench_')
+  print(f'| model | framework | steps/s | target tokens/s | windows |\n|---|---|---|---|---|')
+  ratios = []
+  try:
+    for model in args.models.split(','):
+      medians = {}
+      for framework, command, windows in (('gqa-t5x', ours, our_windows),
+                                          ('T5X', t5x, t5x_windows)) * args.rounds:
+        model_dir = os.path.join(workdir, f'{model}_{framework}')
+        shutil.rmtree(model_dir, ignore_errors=True)
+        run(command(args, model, model_dir), model_dir, model_dir + '.log')
+        rows = windows(model_dir)[1:]  # the first window holds compilation
+        if not rows:
+          sys.exit(f'{framework} logged no timing after its first window; see {model_dir}.log')
+        for metric in METRICS:
+          medians.setdefault((framework, metric), []).extend(r[metric] for r in rows)
+      for framework in ('gqa-t5x', 'T5X'):
+        steps, tokens = (statistics.median(medians[(framework, m)]) for m in METRICS)
+        print(f'| {model} | {framework} | {steps:.3f} | {tokens:.0f} | '
+              f'{len(medians[(framework, METRICS[0])])} |', flush=True)
+      ratio = [statistics.median(medians[('gqa-t5x', m)]) / statistics.median(medians[('T5X', m)])
+               for m in METRICS]
+      ratios.append(f'{model}: gqa-t5x / T5X = {ratio[0]:.2f} (steps/s), {ratio[1]:.2f} '
+                    f'(tokens/s); batch {args.batch}, lengths {args.lengths}, load '
+                    f'{os.getloadavg()[0]:.1f}')
+    print('\n'.join(ratios))
+  finally:
+    if not args.workdir:
+      shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == '__main__':
+  main()
