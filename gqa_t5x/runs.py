@@ -80,18 +80,17 @@ def fit(trainer: Trainer, dataset_cfg: data.DatasetConfig, train_steps: int, mod
   manager = checkpointing.manager(model_dir, checkpoint_cfg)
   restored = checkpointing.restore_latest(manager, trainer.abstract_state.to_checkpoint())
   if restored is not None:
-    tree, data_position = restored
-    state = TrainState.from_checkpoint(tree)
+    state = TrainState.from_checkpoint(restored)
     logging.info('Resumed from %s at step %d', model_dir, int(state.step))
   elif initial_params is not None:
-    state, data_position = trainer.init_state(random_seed, *initial_params), 0
+    state = trainer.init_state(random_seed, *initial_params)
   elif initial_checkpoint_path:
     params, step = checkpointing.load_params(
         initial_checkpoint_path, trainer.abstract_state.params, 'INITIAL_CHECKPOINT_PATH')
-    state, data_position = trainer.init_state(random_seed, params=params, step=step or 0), 0
+    state = trainer.init_state(random_seed, params=params, step=step or 0)
     logging.info('Initialised from %s (step %d)', initial_checkpoint_path, int(state.step))
   else:
-    state, data_position = trainer.init_state(random_seed), 0
+    state = trainer.init_state(random_seed)
   step, scores = int(state.step), {}
   if step >= train_steps:
     logging.info('Step %d already reaches TRAIN_STEPS=%d; nothing to train.', step, train_steps)
@@ -99,14 +98,18 @@ def fit(trainer: Trainer, dataset_cfg: data.DatasetConfig, train_steps: int, mod
     return state, scores
 
   partitioner = trainer.partitioner
-  batches = data.train_batches(dataset_cfg, data.process_shard(partitioner.mesh),
-                               start_step=data_position)
+  batches = data.train_batches(dataset_cfg, data.process_shard(partitioner.mesh))
+  if restored is not None:
+    checkpointing.restore_dataset(manager, manager.latest_step(), batches)
+    logging.info('Input pipeline of process %d restored at batch %d of data shard %d/%d',
+                 jax.process_index(), batches.position, batches.shard.index,
+                 batches.shard.num_shards)
   writer = summaries.create_writer(os.path.join(model_dir, 'train'), 'metrics.jsonl')
   progress, window = Progress(step, train_steps), None
   while step < train_steps:
     state, metrics = trainer.train_step(state, partitioner.shard_batch(next(batches)),
                                         random_seed)
-    step, data_position = step + 1, data_position + 1
+    step += 1
     window = metrics if window is None else jax.tree.map(lambda a, b: a + b, window, metrics)
     if step % log_period == 0 or step == train_steps:
       report = _window_report(to_host(window), step, learning_rate, progress)
@@ -116,7 +119,7 @@ def fit(trainer: Trainer, dataset_cfg: data.DatasetConfig, train_steps: int, mod
                    report['timing/target_tokens_per_second'],
                    format_eta(report['timing/eta_seconds']))
       window = None
-    checkpointing.save(manager, step, state.to_checkpoint(), data_position,
+    checkpointing.save(manager, step, state.to_checkpoint(), batches,
                        force=step == train_steps or step in checkpoint_cfg.save_steps)
     if evaluators and (step in eval_steps or eval_period and step % eval_period == 0):
       scores[step] = {k: v for e in evaluators for k, v in e.run(state.params, step).items()}

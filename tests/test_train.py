@@ -1,9 +1,11 @@
 """Training: losses and optimizer against hand-computed references; the gin-configured run on a
-2x4 mesh of 8 CPU devices; stop-and-resume equals an uninterrupted run; clear errors."""
+2x4 mesh of 8 CPU devices; a killed run resumed equals an uninterrupted run; clear errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import gin
 import jax
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from gqa_t5x import errors, gin_utils, losses, optimizers, partitioning, runs
 from gqa_t5x import trainer as trainer_lib
@@ -118,14 +121,41 @@ def test_tiny_model_trains_on_2x4_mesh_and_loss_drops(uninterrupted):
                                            'checkpoint_8', 'train']
 
 
-def test_stopped_run_resumes_to_the_same_parameters(uninterrupted, tmp_path_factory):
+def _committed_steps(model_dir):
+  return sorted(int(name.split('_')[1]) for name in os.listdir(model_dir)
+                if name.startswith('checkpoint_') and name.split('_')[1].isdigit())
+
+
+def test_killed_run_resumes_from_its_saved_data_position_to_the_same_parameters(
+    uninterrupted, tmp_path_factory):
+  """SIGKILL as soon as the first periodic checkpoint is committed (mid-training), then the same
+  command: the run continues from the newest checkpoint with its input pipeline state read from
+  that checkpoint (not replayed) and ends at the uninterrupted run's parameters."""
   model_dir = str(tmp_path_factory.mktemp('resumed'))
-  _train(tmp_path_factory, model_dir, TRAIN_STEPS=6, SAVING_PERIOD=4, NUM_PARTITIONS=4)
+  environment = helpers.env(str(tmp_path_factory.getbasetemp() / 'cache'), num_devices=8)
+  flags = helpers.tiny_train_flags(model_dir, TRAIN_STEPS=12, SAVING_PERIOD=4, NUM_PARTITIONS=4)
+  log = os.path.join(model_dir, 'killed.log')
+  process = helpers.start('gqa_t5x.train', flags, environment, log)
+  while not [s for s in _committed_steps(model_dir) if s >= 4] and process.poll() is None:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait(timeout=60) == -signal.SIGKILL, open(log).read()[-3000:]
+  resumed_at = max(_committed_steps(model_dir))
+  assert 4 <= resumed_at < 12
   # What a kill during an asynchronous save leaves behind: an uncommitted temporary directory.
-  os.makedirs(os.path.join(model_dir, 'checkpoint_7.orbax-checkpoint-tmp', 'state'))
-  state = _train(tmp_path_factory, model_dir, TRAIN_STEPS=12, SAVING_PERIOD=4, NUM_PARTITIONS=4)
-  assert [r['step'] for r in _metrics(model_dir)] == [2, 4, 6, 8, 10, 12]
-  assert int(state.step) == 12
+  os.makedirs(os.path.join(model_dir, f'checkpoint_{resumed_at + 1}.orbax-checkpoint-tmp',
+                           'state'), exist_ok=True)
+  log = os.path.join(model_dir, 'resumed.log')
+  helpers.wait(helpers.start('gqa_t5x.train', flags, environment, log), log)
+  output = open(log).read()
+  assert f'Resumed from {model_dir} at step {resumed_at}' in output
+  # The position comes from the checkpoint's iterator state, whose counter only ever advances
+  # by batches drawn (a replay to the position would have to draw them again).
+  assert (f'Input pipeline of process 0 restored at batch {resumed_at} of data shard 0/1'
+          in output)
+  stored = tf.train.load_checkpoint(os.path.join(
+      model_dir, 'checkpoint_12', 'dataset', 'process_0-of-1', 'iterator'))
+  assert stored.get_tensor('position/.ATTRIBUTES/VARIABLE_VALUE') == 12
   expected = helpers.read_params(os.path.join(uninterrupted[0], 'checkpoint_12'))
   got = helpers.read_params(os.path.join(model_dir, 'checkpoint_12'))
   assert expected.keys() == got.keys()
