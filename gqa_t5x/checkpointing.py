@@ -3,9 +3,10 @@
 
 Saving is periodic, asynchronous, atomic (Orbax commits a step only once fully written) and
 keeps the newest N. Beside the tree, checkpoint_<step>/dataset/ holds each process's input
-pipeline state (process_<i>-of-<n>/), so a resumed run continues its data where it stopped. Every restore first compares the stored shapes with the configured model,
-because Orbax can hand back the stored shape silently and the mismatch would surface much
-later (e.g. an MHA checkpoint loaded into a GQA model).
+pipeline state (process_<i>-of-<n>/), so a resumed run continues its data where it stopped.
+Every restore first compares the stored shapes with the configured model, because Orbax can
+hand back the stored shape silently and the mismatch would surface much later (e.g. an MHA
+checkpoint loaded into a GQA model).
 """
 import dataclasses
 import os
@@ -22,7 +23,7 @@ from gqa_t5x.checkpoints import orbax_format
 
 PyTree = Any
 ITEM = orbax_format.STATE_DIR  # T5X's Orbax checkpoints keep the tree in checkpoint_<step>/state/
-DATASET_ITEM = 'dataset'  # every process's input pipeline state: where a resumed run's data continues
+DATASET_ITEM = 'dataset'  # each process's input pipeline state: where resumed data continues
 STEP_PREFIX = 'checkpoint'
 CONVERT_HINT = ('convert it first with gqa-t5x-convert (which mean-pools key/value heads into '
                 'the configured kv-head count), or configure the model it was saved from')
