@@ -13,9 +13,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
+import seqio
 import tensorflow as tf
 
-from gqa_t5x import errors, gin_utils, losses, optimizers, partitioning, runs
+from gqa_t5x import data, errors, gin_utils, losses, optimizers, partitioning, runs
 from gqa_t5x import trainer as trainer_lib
 from gqa_t5x.network import T5Config, Transformer
 from tests import runner_helpers as helpers
@@ -161,6 +162,19 @@ def test_killed_run_resumes_from_its_saved_data_position_to_the_same_parameters(
   assert expected.keys() == got.keys()
   for name in expected:
     np.testing.assert_allclose(got[name], expected[name], rtol=2e-4, atol=1e-5, err_msg=name)
+
+
+def test_pipeline_state_of_another_data_shard_is_a_clear_error(tmp_path_factory, tmp_path):
+  os.environ['GQA_T5X_CACHE_DIR'] = str(tmp_path_factory.getbasetemp() / 'cache' / 'vocab')
+  cfg = data.DatasetConfig('gqa_embedded_span_corruption', {'inputs': 32, 'targets': 16},
+                           split='train', batch_size=8, seed=0, module='gqa_t5x.tasks')
+  saved = data.train_batches(cfg, seqio.ShardInfo(0, 2))
+  next(saved)
+  saved.save(str(tmp_path / 'iterator'))
+  with pytest.raises(errors.ConfigError, match=(
+      r'belongs to data shard 0 of 2, but this process feeds shard 1 of 2: resume with the mesh '
+      r'\(NUM_PARTITIONS\) and number of processes the run was started with')):
+    data.train_batches(cfg, seqio.ShardInfo(1, 2)).restore(str(tmp_path / 'iterator'))
 
 
 def test_checkpoint_with_other_kv_heads_names_the_parameter(uninterrupted, tmp_path_factory):
