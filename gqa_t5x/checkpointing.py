@@ -2,11 +2,14 @@
 {'target': params, 'state': {'step', 'param_states'}}.
 
 Saving is periodic, asynchronous, atomic (Orbax commits a step only once fully written) and
-keeps the newest N. Every restore first compares the stored shapes with the configured model,
-because Orbax can hand back the stored shape silently and the mismatch would surface much
-later (e.g. an MHA checkpoint loaded into a GQA model).
+keeps the newest N. Beside the tree, checkpoint_<step>/dataset/ holds each process's input
+pipeline state (process_<i>-of-<n>/), so a resumed run continues its data where it stopped.
+Every restore first compares the stored shapes with the configured model, because Orbax can
+hand back the stored shape silently and the mismatch would surface much later (e.g. an MHA
+checkpoint loaded into a GQA model).
 """
 import dataclasses
+import os
 import re
 from typing import Any, Optional
 
@@ -15,12 +18,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gqa_t5x import errors
+from gqa_t5x import data, errors
 from gqa_t5x.checkpoints import orbax_format
 
 PyTree = Any
 ITEM = orbax_format.STATE_DIR  # T5X's Orbax checkpoints keep the tree in checkpoint_<step>/state/
-DATASET_ITEM = 'dataset'  # {'position': batches consumed}: where a resumed run's data continues
+DATASET_ITEM = 'dataset'  # each process's input pipeline state: where resumed data continues
 STEP_PREFIX = 'checkpoint'
 CONVERT_HINT = ('convert it first with gqa-t5x-convert (which mean-pools key/value heads into '
                 'the configured kv-head count), or configure the model it was saved from')
@@ -34,6 +37,41 @@ class CheckpointConfig:
   keep: Optional[int] = None
   asynchronous: bool = True
   save_steps: tuple[int, ...] = ()
+
+
+class DatasetHandler(ocp.CheckpointHandler):
+  """Saves and restores each process's TrainBatches in a directory of its own.
+
+  Every process writes (processes feed different shards), which is why this is not a JsonSave
+  or a StandardSave (those write from the primary process only). Orbax creates the item
+  directory on all processes before calling save, and commits the step only after all wrote.
+  """
+
+  def save(self, directory: epath.Path, args: 'DatasetArgs') -> None:
+    path = _process_path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args.batches.save(os.fspath(path))
+
+  def restore(self, directory: epath.Path, args: 'DatasetArgs') -> data.TrainBatches:
+    path = _process_path(directory)
+    if not path.parent.exists():
+      stored = sorted(p.name for p in directory.iterdir())
+      raise errors.ConfigError(
+          f'{directory} has no input pipeline state for process {jax.process_index()} of '
+          f'{jax.process_count()} (it holds {stored}): resume with the number of processes the '
+          'run was started with.')
+    args.batches.restore(os.fspath(path))
+    return args.batches
+
+
+@ocp.args.register_with_handler(DatasetHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class DatasetArgs(ocp.args.CheckpointArgs):
+  batches: data.TrainBatches
+
+
+def _process_path(directory: epath.Path) -> epath.Path:
+  return directory / f'process_{jax.process_index()}-of-{jax.process_count()}' / 'iterator'
 
 
 def manager(model_dir: str, cfg: CheckpointConfig) -> ocp.CheckpointManager:
@@ -52,25 +90,28 @@ def manager(model_dir: str, cfg: CheckpointConfig) -> ocp.CheckpointManager:
       item_names=(ITEM, DATASET_ITEM))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, tree: PyTree, data_position: int,
+def save(mngr: ocp.CheckpointManager, step: int, tree: PyTree, batches: data.TrainBatches,
          force: bool = False) -> bool:
-  """Starts saving `tree` at `step` if the period says so (or force); returns whether it did."""
+  """Starts saving `tree` and the input pipeline's state at `step` if the period says so (or
+  force); returns whether it did. The pipeline state is written before this returns."""
   return mngr.save(step, force=force, args=ocp.args.Composite(**{
-      ITEM: ocp.args.StandardSave(tree),
-      DATASET_ITEM: ocp.args.JsonSave({'position': int(data_position)})}))
+      ITEM: ocp.args.StandardSave(tree), DATASET_ITEM: DatasetArgs(batches)}))
 
 
-def restore_latest(mngr: ocp.CheckpointManager,
-                   abstract_tree: PyTree) -> Optional[tuple[PyTree, int]]:
-  """(tree, data position) of the newest run checkpoint, in abstract_tree's shardings; or None."""
+def restore_latest(mngr: ocp.CheckpointManager, abstract_tree: PyTree) -> Optional[PyTree]:
+  """The tree of the newest run checkpoint, in abstract_tree's shardings; or None."""
   step = mngr.latest_step()
   if step is None:
     return None
   directory = mngr.directory / f'{STEP_PREFIX}_{step}' / ITEM
   check_shapes(stored_shapes(directory), abstract_tree, directory)
-  restored = mngr.restore(step, args=ocp.args.Composite(**{
-      ITEM: ocp.args.StandardRestore(abstract_tree), DATASET_ITEM: ocp.args.JsonRestore()}))
-  return restored[ITEM], restored[DATASET_ITEM]['position']
+  return mngr.restore(step, args=ocp.args.Composite(**{
+      ITEM: ocp.args.StandardRestore(abstract_tree)}))[ITEM]
+
+
+def restore_dataset(mngr: ocp.CheckpointManager, step: int, batches: data.TrainBatches) -> None:
+  """Moves `batches` (fresh, at step 0) to where it was when checkpoint `step` was saved."""
+  mngr.restore(step, args=ocp.args.Composite(**{DATASET_ITEM: DatasetArgs(batches)}))
 
 
 def resolve(path: str, what: str) -> epath.Path:

@@ -1,9 +1,8 @@
 """The three jobs the drivers run: train, evaluate, infer. Gin configures every argument."""
-import itertools
 import json
 import os
 import tempfile
-from typing import Any, Callable, Collection, Iterable, Optional, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 
 from absl import logging
 from flax import linen as nn
@@ -66,7 +65,7 @@ def train(*, model: nn.Module, train_dataset_cfg: data.DatasetConfig, train_step
   return state
 
 
-def fit(trainer: Trainer, dataset: data.DatasetConfig | Iterable[dict], train_steps: int,
+def fit(trainer: Trainer, dataset: data.DatasetConfig | data.Batches, train_steps: int,
         model_dir: str, learning_rate: optax.Schedule, *,
         checkpoint_cfg: checkpointing.CheckpointConfig = checkpointing.CheckpointConfig(),
         initial_checkpoint_path: Optional[str] = None,
@@ -76,8 +75,8 @@ def fit(trainer: Trainer, dataset: data.DatasetConfig | Iterable[dict], train_st
         evaluators: Sequence = ()) -> tuple[TrainState, dict[int, dict[str, float]]]:
   """The training loop of `train`, on a Trainer built once and reused across runs.
 
-  `dataset` is a DatasetConfig, whose pipeline is built here, or process-local batches already
-  made, from the data's first batch on (runs that read the same data share one made-once
+  `dataset` is a DatasetConfig, whose pipeline is built here, or process-local Batches at the
+  data's first batch (e.g. the reproduction's runs that read the same data replay one made-once
   sequence instead of each building and filling the same pipeline). The run starts from
   MODEL_DIR's newest checkpoint, else from `initial_params` (parameters and their step, already
   in memory), else from `initial_checkpoint_path`, else from random parameters. From a
@@ -90,23 +89,21 @@ def fit(trainer: Trainer, dataset: data.DatasetConfig | Iterable[dict], train_st
   manager = checkpointing.manager(model_dir, checkpoint_cfg)
   restored = checkpointing.restore_latest(manager, trainer.abstract_state.to_checkpoint())
   if restored is not None:
-    tree, data_position = restored
-    state = TrainState.from_checkpoint(tree)
+    state = TrainState.from_checkpoint(restored)
     logging.info('Resumed from %s at step %d', model_dir, int(state.step))
   elif initial_params is not None:
-    state, data_position = trainer.init_state(random_seed, *initial_params), 0
+    state = trainer.init_state(random_seed, *initial_params)
   elif initial_checkpoint_path:
     params, step = checkpointing.load_params(
         initial_checkpoint_path, trainer.abstract_state.params, 'INITIAL_CHECKPOINT_PATH')
     slots = checkpointing.load_slots(initial_checkpoint_path, trainer.slot_shapes,
                                      'INITIAL_CHECKPOINT_PATH')
     state = trainer.init_state(random_seed, params=params, step=step or 0, slots=slots)
-    data_position = 0
     logging.info('Initialised from %s (step %d); Adafactor slots restored for %d of %d '
                  'parameters, the others start fresh', initial_checkpoint_path, int(state.step),
                  len(slots), len(trainer.slot_shapes))
   else:
-    state, data_position = trainer.init_state(random_seed), 0
+    state = trainer.init_state(random_seed)
   step, scores = int(state.step), {}
   if step >= train_steps:
     logging.info('Step %d already reaches TRAIN_STEPS=%d; nothing to train.', step, train_steps)
@@ -115,16 +112,20 @@ def fit(trainer: Trainer, dataset: data.DatasetConfig | Iterable[dict], train_st
 
   partitioner = trainer.partitioner
   if isinstance(dataset, data.DatasetConfig):
-    batches = data.train_batches(dataset, data.process_shard(partitioner.mesh),
-                                 start_step=data_position)
+    batches = data.train_batches(dataset, data.process_shard(partitioner.mesh))
   else:
-    batches = itertools.islice(dataset, data_position, None)
+    batches = dataset
+  if restored is not None:
+    checkpointing.restore_dataset(manager, manager.latest_step(), batches)
+    logging.info('Input pipeline of process %d restored at batch %d of data shard %d/%d',
+                 jax.process_index(), batches.position, batches.shard.index,
+                 batches.shard.num_shards)
   writer = summaries.create_writer(os.path.join(model_dir, 'train'), 'metrics.jsonl')
   progress, window = Progress(step, train_steps), None
   while step < train_steps:
     state, metrics = trainer.train_step(state, partitioner.shard_batch(next(batches)),
                                         random_seed)
-    step, data_position = step + 1, data_position + 1
+    step += 1
     window = metrics if window is None else jax.tree.map(lambda a, b: a + b, window, metrics)
     if step % log_period == 0 or step == train_steps:
       report = _window_report(to_host(window), step, learning_rate, progress)
@@ -134,8 +135,7 @@ def fit(trainer: Trainer, dataset: data.DatasetConfig | Iterable[dict], train_st
                    report['timing/target_tokens_per_second'],
                    format_eta(report['timing/eta_seconds']))
       window = None
-    checkpointing.save(manager, step, state.to_checkpoint(), data_position,
-                       force=step == train_steps)
+    checkpointing.save(manager, step, state.to_checkpoint(), batches, force=step == train_steps)
     if evaluators and (step in eval_steps or eval_period and step % eval_period == 0):
       scores[step] = {k: v for e in evaluators for k, v in e.run(state.params, step).items()}
       writer.write_scalars(step, scores[step])

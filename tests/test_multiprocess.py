@@ -1,10 +1,12 @@
 """Two processes on localhost (jax.distributed over gloo) train one model through the real
-driver, each feeding its own seqio shard, and agree with one process fed the same global batch."""
+driver, each feeding its own seqio shard, and agree with one process fed the same global batch;
+each saves its own input pipeline state with the checkpoint."""
 import os
 import socket
 
 import numpy as np
 import seqio
+import tensorflow as tf
 
 from gqa_t5x import data, optimizers
 from gqa_t5x.network import T5Config, Transformer
@@ -58,6 +60,11 @@ def test_two_processes_agree_with_one_process_on_the_same_global_batch(tmp_path)
     helpers.wait(process, log, timeout=400)
   assert 'Mesh {\'data\': 2, \'model\': 2} over 4 devices in 2 processes' in open(
       processes[0][1]).read()
+  for i in range(2):
+    stored = tf.train.load_checkpoint(os.path.join(
+        model_dir, f'checkpoint_{STEPS}', 'dataset', f'process_{i}-of-2', 'iterator'))
+    assert stored.get_tensor('position/.ATTRIBUTES/VARIABLE_VALUE') == STEPS
+    assert list(stored.get_tensor('shard/.ATTRIBUTES/VARIABLE_VALUE')) == [i, 2]
   got = helpers.read_params(os.path.join(model_dir, f'checkpoint_{STEPS}'))
   assert got.keys() == expected.keys()
   for name in expected:

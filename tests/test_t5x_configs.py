@@ -117,7 +117,7 @@ def bind(*files, bindings=()):
 
 
 def bound_model():
-  return gin.get_configurable('t5x.models.EncoderDecoderModel')()
+  return gin.get_configurable('gqa_t5x.t5x_models.EncoderDecoderModel')()
 
 
 def vocabulary_file(size: str) -> str:
@@ -377,3 +377,27 @@ def test_t5x_eval_and_infer_decode_greedily_under_gqa_network(t5x_runs, uptraine
   assert emitted.sum() > len(rows)  # T5X decoded something for every example
   margin = logits.max(axis=-1) - chosen  # 0 where T5X took the argmax
   assert margin[emitted].max() < 1e-4 * np.abs(logits).max()
+
+
+@pytest.mark.skipif(not HAVE_T5X, reason='T5X is not installed (see README: Running with T5X)')
+def test_t5x_path_greedy_decode_equals_greedy_decode_token_for_token(t5x_modules):
+  """The model gin_configs/t5x binds (cross-attention caches filled once, before T5X's
+  temperature_sample loop at temperature 0) decodes what gqa_t5x.decoding.greedy_decode does,
+  on padded inputs and on rows whose EOS comes early."""
+  from gqa_t5x import decoding, t5x_models
+  bind('t5x/t5_1_1/tiny.gin', bindings=['NUM_KV_HEADS = 2'])
+  model = bound_model()
+  assert isinstance(model, t5x_models.EncoderDecoderModel)
+  params = runner_helpers.tiny_params(2, seed=3)
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(2, 1152, (4, 24)).astype(np.int32)
+  inputs[1, 10:] = inputs[3, 17:] = 0
+  # EOS (id 1) takes the place of the token row 0 emits 4th (its logits, scaled up), so that
+  # rows end early and the padding after EOS is compared too.
+  token = int(decoding.greedy_decode(model.module, params, inputs, 16)[0, 3])
+  kernel = params['decoder']['logits_dense']['kernel']
+  params['decoder']['logits_dense']['kernel'] = kernel.at[:, 1].set(1.5 * kernel[:, token])
+  expected = np.asarray(decoding.greedy_decode(model.module, params, inputs, 16))
+  assert expected[0, 3] == 1 and expected[0, 4:].max() == 0  # row 0 ends early
+  batch = {'encoder_input_tokens': inputs, 'decoder_input_tokens': np.zeros((4, 16), np.int32)}
+  np.testing.assert_array_equal(jax.jit(model.predict_batch)(params, batch), expected)

@@ -1,9 +1,11 @@
 """Training: losses and optimizer against hand-computed references; the gin-configured run on a
-2x4 mesh of 8 CPU devices; stop-and-resume equals an uninterrupted run; clear errors."""
+2x4 mesh of 8 CPU devices; a killed run resumed equals an uninterrupted run; clear errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import gin
 import jax
@@ -13,8 +15,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+import seqio
+import tensorflow as tf
 
-from gqa_t5x import convert, errors, gin_utils, losses, optimizers, partitioning, runs
+from gqa_t5x import convert, data, errors, gin_utils, losses, optimizers, partitioning, runs
 from gqa_t5x import trainer as trainer_lib
 from gqa_t5x.network import T5Config, Transformer
 from tests import runner_helpers as helpers
@@ -225,14 +229,41 @@ def test_tiny_model_trains_on_2x4_mesh_and_loss_drops(uninterrupted):
                                            'train']
 
 
-def test_stopped_run_resumes_to_the_same_parameters(uninterrupted, tmp_path_factory):
+def _committed_steps(model_dir):
+  return sorted(int(name.split('_')[1]) for name in os.listdir(model_dir)
+                if name.startswith('checkpoint_') and name.split('_')[1].isdigit())
+
+
+def test_killed_run_resumes_from_its_saved_data_position_to_the_same_parameters(
+    uninterrupted, tmp_path_factory):
+  """SIGKILL as soon as the first periodic checkpoint is committed (mid-training), then the same
+  command: the run continues from the newest checkpoint with its input pipeline state read from
+  that checkpoint (not replayed) and ends at the uninterrupted run's parameters."""
   model_dir = str(tmp_path_factory.mktemp('resumed'))
-  _train(tmp_path_factory, model_dir, TRAIN_STEPS=6, SAVING_PERIOD=4, NUM_PARTITIONS=4)
+  environment = helpers.env(str(tmp_path_factory.getbasetemp() / 'cache'), num_devices=8)
+  flags = helpers.tiny_train_flags(model_dir, TRAIN_STEPS=12, SAVING_PERIOD=4, NUM_PARTITIONS=4)
+  log = os.path.join(model_dir, 'killed.log')
+  process = helpers.start('gqa_t5x.train', flags, environment, log)
+  while not [s for s in _committed_steps(model_dir) if s >= 4] and process.poll() is None:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait(timeout=60) == -signal.SIGKILL, open(log).read()[-3000:]
+  resumed_at = max(_committed_steps(model_dir))
+  assert 4 <= resumed_at < 12
   # What a kill during an asynchronous save leaves behind: an uncommitted temporary directory.
-  os.makedirs(os.path.join(model_dir, 'checkpoint_7.orbax-checkpoint-tmp', 'state'))
-  state = _train(tmp_path_factory, model_dir, TRAIN_STEPS=12, SAVING_PERIOD=4, NUM_PARTITIONS=4)
-  assert [r['step'] for r in _metrics(model_dir)] == [2, 4, 6, 8, 10, 12]
-  assert int(state.step) == 12
+  os.makedirs(os.path.join(model_dir, f'checkpoint_{resumed_at + 1}.orbax-checkpoint-tmp',
+                           'state'), exist_ok=True)
+  log = os.path.join(model_dir, 'resumed.log')
+  helpers.wait(helpers.start('gqa_t5x.train', flags, environment, log), log)
+  output = open(log).read()
+  assert f'Resumed from {model_dir} at step {resumed_at}' in output
+  # The position comes from the checkpoint's iterator state, whose counter only ever advances
+  # by batches drawn (a replay to the position would have to draw them again).
+  assert (f'Input pipeline of process 0 restored at batch {resumed_at} of data shard 0/1'
+          in output)
+  stored = tf.train.load_checkpoint(os.path.join(
+      model_dir, 'checkpoint_12', 'dataset', 'process_0-of-1', 'iterator'))
+  assert stored.get_tensor('position/.ATTRIBUTES/VARIABLE_VALUE') == 12
   expected = helpers.read_params(os.path.join(uninterrupted[0], 'checkpoint_12'))
   got = helpers.read_params(os.path.join(model_dir, 'checkpoint_12'))
   assert expected.keys() == got.keys()
@@ -303,6 +334,19 @@ def test_finetune_from_a_converted_checkpoint_starts_fresh_slots_only_for_pooled
       elif got.shape != (1,):
         np.testing.assert_array_equal(got, source_slots[name][field], err_msg=name)
     assert int(slot_state.count) == (0 if name in pooled else 1000), name
+
+
+def test_pipeline_state_of_another_data_shard_is_a_clear_error(tmp_path_factory, tmp_path):
+  os.environ['GQA_T5X_CACHE_DIR'] = str(tmp_path_factory.getbasetemp() / 'cache' / 'vocab')
+  cfg = data.DatasetConfig('gqa_embedded_span_corruption', {'inputs': 32, 'targets': 16},
+                           split='train', batch_size=8, seed=0, module='gqa_t5x.tasks')
+  saved = data.train_batches(cfg, seqio.ShardInfo(0, 2))
+  next(saved)
+  saved.save(str(tmp_path / 'iterator'))
+  with pytest.raises(errors.ConfigError, match=(
+      r'belongs to data shard 0 of 2, but this process feeds shard 1 of 2: resume with the mesh '
+      r'\(NUM_PARTITIONS\) and number of processes the run was started with')):
+    data.train_batches(cfg, seqio.ShardInfo(1, 2)).restore(str(tmp_path / 'iterator'))
 
 
 def test_checkpoint_with_other_kv_heads_names_the_parameter(uninterrupted, tmp_path_factory):

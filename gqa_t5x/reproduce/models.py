@@ -9,11 +9,12 @@ training itself).
 """
 import dataclasses
 import functools
-import itertools
-from typing import Any, Iterator
+import json
+from typing import Any
 
 import jax
 import numpy as np
+import seqio
 
 from gqa_t5x import checkpointing, data, gin_utils, optimizers
 from gqa_t5x.checkpoints import plan as conversion
@@ -42,17 +43,42 @@ class Replayed:
   reads them. The pipeline is deterministic, so each run sees what its own pipeline would give,
   without paying again for building it and filling its shuffle buffer (seconds per run)."""
 
-  def __init__(self, cfg: data.DatasetConfig, shard):
-    self._cfg, self._shard = cfg, shard
+  def __init__(self, cfg: data.DatasetConfig, shard: seqio.ShardInfo):
+    self._cfg, self.shard = cfg, shard
     self._pipeline, self._made = None, []
 
-  def __iter__(self) -> Iterator[dict]:
-    for i in itertools.count():
-      if i == len(self._made):
-        if self._pipeline is None:
-          self._pipeline = data.train_batches(self._cfg, self._shard)
-        self._made.append(next(self._pipeline))
-      yield self._made[i]
+  def batch(self, index: int) -> dict:
+    while index >= len(self._made):
+      if self._pipeline is None:
+        self._pipeline = data.train_batches(self._cfg, self.shard)
+      self._made.append(next(self._pipeline))
+    return self._made[index]
+
+  def cursor(self) -> 'Cursor':
+    return Cursor(self)
+
+
+class Cursor:
+  """One run's place in a Replayed sequence (data.Batches): saved with the run's checkpoints as
+  the batch index it continues from."""
+
+  def __init__(self, replayed: Replayed):
+    self._replayed, self.shard, self.position = replayed, replayed.shard, 0
+
+  def __iter__(self) -> 'Cursor':
+    return self
+
+  def __next__(self) -> dict:
+    self.position += 1
+    return self._replayed.batch(self.position - 1)
+
+  def save(self, path: str) -> None:
+    with open(path, 'w') as f:
+      json.dump({'position': self.position}, f)
+
+  def restore(self, path: str) -> None:
+    with open(path) as f:
+      self.position = json.load(f)['position']
 
 
 class Models:
@@ -95,11 +121,12 @@ class Models:
       return Trainer(model, optimizers.adafactor(schedule), self.partitioner(kv_heads)), schedule
     return self._once(('trainer', kv_heads, recipe), build)
 
-  def batches(self, task: str, lengths: Lengths, batch: int, seed: int) -> Replayed:
-    """The training batches of (task, seed), shared by every row and variant trained on them."""
+  def batches(self, task: str, lengths: Lengths, batch: int, seed: int) -> Cursor:
+    """A run's own cursor into the training batches of (task, seed), which every row and
+    variant trained on them shares."""
     shard = data.process_shard(self.partitioner(self.preset.num_heads).mesh)
-    return self._once(('batches', task, lengths, batch, seed),
-                      lambda: Replayed(train_data(task, lengths, batch, seed), shard))
+    return self._once(('batches', task, lengths, batch, seed), lambda: Replayed(
+        train_data(task, lengths, batch, seed), shard)).cursor()
 
   def heldout(self, kv_heads: int) -> TrainEvaluation:
     """Teacher-forced loss and accuracy on the held-out task's validation split."""
