@@ -135,7 +135,8 @@ def list_checkpoints(path: str) -> list[str]:
   steps = sorted(int(m.group(1)) for p in directory.iterdir()
                  if (m := re.fullmatch(rf'{STEP_PREFIX}_(\d+)', p.name)) and (p / ITEM).exists())
   if not steps:
-    raise errors.ConfigError(f'CHECKPOINT_PATH={path!r} holds no {STEP_PREFIX}_<step>/ checkpoints.')
+    raise errors.ConfigError(
+        f'CHECKPOINT_PATH={path!r} holds no {STEP_PREFIX}_<step>/ checkpoints.')
   return [str(directory / f'{STEP_PREFIX}_{s}') for s in steps]
 
 
@@ -151,11 +152,12 @@ def check_shapes(stored: dict[str, tuple], abstract_tree: PyTree, directory) -> 
   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]:
     name = _name(path)
     if name not in stored:
-      raise errors.ConfigError(f'Checkpoint {directory} has no parameter {name}: it was written for a '
-                       f'different model; {CONVERT_HINT}.')
+      raise errors.ConfigError(f'Checkpoint {directory} has no parameter {name}: it was written '
+                               f'for a different model; {CONVERT_HINT}.')
     if stored[name] != tuple(leaf.shape):
-      raise errors.ConfigError(f'Checkpoint {directory} stores {name} with shape {stored[name]} but the '
-                       f'configured model expects {tuple(leaf.shape)}: {CONVERT_HINT}.')
+      raise errors.ConfigError(f'Checkpoint {directory} stores {name} with shape {stored[name]} '
+                               f'but the configured model expects {tuple(leaf.shape)}: '
+                               f'{CONVERT_HINT}.')
 
 
 def load_params(path: str, abstract_params: PyTree, what: str) -> tuple[PyTree, Optional[int]]:
@@ -170,8 +172,8 @@ def load_params(path: str, abstract_params: PyTree, what: str) -> tuple[PyTree, 
               jax.tree_util.tree_flatten_with_path({'target': abstract_params})[0]}
   extra = sorted(n for n in stored if n.startswith('target/') and n not in expected)
   if extra:
-    raise errors.ConfigError(f'Checkpoint {directory} has parameter {extra[0]} that the configured model '
-                     f'lacks: {CONVERT_HINT}.')
+    raise errors.ConfigError(f'Checkpoint {directory} has parameter {extra[0]} that the '
+                             f'configured model lacks: {CONVERT_HINT}.')
   item = {'target': abstract_params}
   restore_args = {'target': ocp.checkpoint_utils.construct_restore_args(abstract_params)}
   if 'state/step' in stored:

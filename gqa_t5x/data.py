@@ -125,8 +125,8 @@ def train_dataset(cfg: DatasetConfig, shard: seqio.ShardInfo) -> tf.data.Dataset
   """Endless process-local batches [batch_size / num_shards, length], a deterministic function
   of (seed, shard)."""
   if cfg.batch_size % shard.num_shards:
-    raise errors.ConfigError(f'BATCH_SIZE={cfg.batch_size} must be a multiple of the {shard.num_shards} '
-                     'data shards (processes feeding distinct rows).')
+    raise errors.ConfigError(f'BATCH_SIZE={cfg.batch_size} must be a multiple of the '
+                             f'{shard.num_shards} data shards (processes feeding distinct rows).')
   get_task(cfg)
   return seqio.get_dataset(
       cfg.mixture_or_task_name, task_feature_lengths=dict(cfg.task_feature_lengths),

@@ -50,8 +50,8 @@ def check_macros(command_line_macros: set[str]) -> None:
   referenced = {ref.config_key[0] for ref in gin.config.iterate_references(config, to=macro_fn)}
   unknown = sorted(command_line_macros - referenced)
   if unknown:
-    raise errors.ConfigError(f'Unknown gin macro {unknown[0]}: no loaded gin file uses %{unknown[0]}. '
-                     f'Macros these gin files accept: {sorted(referenced)}')
+    raise errors.ConfigError(f'Unknown gin macro {unknown[0]}: no loaded gin file uses '
+                             f'%{unknown[0]}. Macros these gin files accept: {sorted(referenced)}')
   undefined = sorted(referenced - set(defined))
   if undefined:
     raise errors.ConfigError(f'Gin macro {undefined[0]} is used but never set: pass '
@@ -69,8 +69,8 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
               search_paths: Sequence[str] = DEFAULT_SEARCH_PATHS) -> None:
   """Parses files then bindings, checks macros, and locks the config."""
   if not gin_files:
-    raise errors.ConfigError('No --gin_file given: pass a model gin (e.g. models/t5_1_1/small.gin) and a '
-                     'run gin (e.g. runs/pretrain.gin).')
+    raise errors.ConfigError('No --gin_file given: pass a model gin (e.g. '
+                             'models/t5_1_1/small.gin) and a run gin (e.g. runs/pretrain.gin).')
   gin.clear_config()
   for path in search_path(search_paths):
     gin.add_config_file_search_path(path)

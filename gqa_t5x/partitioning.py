@@ -27,8 +27,9 @@ class Partitioner:
     """num_partitions: model-parallel degree; kv_head_counts: the G of every attention kind."""
     devices = jax.devices()
     if num_partitions < 1 or len(devices) % num_partitions:
-      raise errors.ConfigError(f'num_partitions={num_partitions} must divide the {len(devices)} devices '
-                       f'(accepted: {[n for n in range(1, len(devices) + 1) if len(devices) % n == 0]}).')
+      accepted = [n for n in range(1, len(devices) + 1) if len(devices) % n == 0]
+      raise errors.ConfigError(f'num_partitions={num_partitions} must divide the {len(devices)} '
+                               f'devices (accepted: {accepted}).')
     self.mesh = Mesh(np.asarray(devices).reshape(-1, num_partitions),
                      (axes.DATA_AXIS, axes.MODEL_AXIS))
     self.rules = tuple(axes.logical_axis_rules(num_partitions, kv_head_counts))

@@ -213,7 +213,8 @@ def benchmark(write_outputs=None) -> dict:
                   else f", {row['roofline_fraction']:.0%} of floor")
       print(f'[{i + 1}/{len(plan)}] {level} {implementation} {dtype} G={g}: '
             f"{row['time_per_sample_s'] * 1e3:.3g} ms/sample (spread {row['spread']:.0%})"
-            f'{fraction}; {elapsed:.0f} s elapsed, ETA {elapsed / (i + 1) * (len(plan) - i - 1):.0f} s',
+            f'{fraction}; {elapsed:.0f} s elapsed, '
+            f'ETA {elapsed / (i + 1) * (len(plan) - i - 1):.0f} s',
             flush=True)
       if write_outputs:
         write_outputs(document)
