@@ -60,18 +60,10 @@ seqio.TaskRegistry.add(
 
 
 def _add_text_task(name, source, metric_fn, postprocess_fn=None):
-  """A task whose source already holds 'inputs' and 'targets' text."""
-  seqio.TaskRegistry.add(
-      name,
-      source=seqio.FunctionDataSource(source, splits=corpus.SPLITS),
-      preprocessors=[
-          seqio.preprocessors.tokenize,
-          seqio.CacheDatasetPlaceholder(),
-          seqio.preprocessors.append_eos_after_trim,
-      ],
-      postprocess_fn=postprocess_fn,
-      output_features=OUTPUT_FEATURES,
-      metric_fns=[metric_fn])
+  """A task whose in-memory source already holds 'inputs' and 'targets' text."""
+  preprocessors.add_text_to_text_task(
+      name, seqio.FunctionDataSource(source, splits=corpus.SPLITS), OUTPUT_FEATURES, metric_fn,
+      postprocess_fn=postprocess_fn)
 
 
 _add_text_task("gqa_embedded_module_qa", _module_questions, metrics.trivia_qa,

@@ -39,19 +39,9 @@ seqio.TaskRegistry.add(
 
 def _add_seq2seq_task(name, source, text_preprocessor, metric_fn, token_preprocessors=(),
                       postprocess_fn=None):
-  seqio.TaskRegistry.add(
-      name,
-      source=source,
-      preprocessors=[
-          text_preprocessor,
-          seqio.preprocessors.tokenize,
-          seqio.CacheDatasetPlaceholder(),
-          *token_preprocessors,
-          seqio.preprocessors.append_eos_after_trim,
-      ],
-      output_features=OUTPUT_FEATURES,
-      postprocess_fn=postprocess_fn,
-      metric_fns=[metric_fn])
+  preprocessors.add_text_to_text_task(
+      name, source, OUTPUT_FEATURES, metric_fn, text_preprocessors=(text_preprocessor,),
+      token_preprocessors=token_preprocessors, postprocess_fn=postprocess_fn)
 
 
 _add_seq2seq_task("gqa_cnn_dailymail", PreparedTfdsDataSource("cnn_dailymail:3.4.0"),

@@ -119,3 +119,21 @@ def trivia_qa_postprocess(output: str, example=None, is_target: bool = False):
     return [a.decode("utf-8") if isinstance(a, bytes) else str(a) for a in example["answers"]]
   return output
 
+
+def add_text_to_text_task(name, source, output_features, metric_fn, text_preprocessors=(),
+                          token_preprocessors=(), postprocess_fn=None):
+  """Registers a task whose examples become 'inputs' and 'targets' text (after
+  text_preprocessors), with the chain T5's text-to-text tasks share: tokenize, cache, EOS."""
+  seqio.TaskRegistry.add(
+      name,
+      source=source,
+      preprocessors=[
+          *text_preprocessors,
+          seqio.preprocessors.tokenize,
+          seqio.CacheDatasetPlaceholder(),
+          *token_preprocessors,
+          seqio.preprocessors.append_eos_after_trim,
+      ],
+      output_features=output_features,
+      postprocess_fn=postprocess_fn,
+      metric_fns=[metric_fn])
