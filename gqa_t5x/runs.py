@@ -1,7 +1,6 @@
 """The three jobs the drivers run: train, evaluate, infer. Gin configures every argument."""
 import json
 import os
-import tempfile
 from typing import Any, Callable, Collection, Optional, Sequence
 
 from absl import logging
@@ -9,7 +8,7 @@ from flax import linen as nn
 import jax
 import optax
 
-from gqa_t5x import checkpointing, data, summaries
+from gqa_t5x import checkpointing, data, files, summaries
 from gqa_t5x.evaluation import Evaluation
 from gqa_t5x.partitioning import Partitioner
 from gqa_t5x.predicting import Predictor
@@ -195,7 +194,7 @@ def infer(*, model: nn.Module, dataset_cfg: data.DatasetConfig, checkpoint_path:
     vocab = task.output_features['targets'].vocabulary
     rows = [{'inputs': _text(ex, 'inputs', task), 'targets': _text(ex, 'targets', task),
              'prediction': vocab.decode(row.tolist())} for ex, row in zip(examples, tokens)]
-    _write_atomically(path, ''.join(json.dumps(r) + '\n' for r in rows))
+    files.write_text(path, ''.join(json.dumps(r) + '\n' for r in rows))
     writer = summaries.create_writer(output_dir, 'infer_metrics.jsonl')
     writer.write_scalars(step or 0, {'timing/decode_ms_per_sample': timing.ms_per_sample})
     writer.close()
@@ -207,11 +206,3 @@ def _text(example: dict, feature: str, task) -> str:
   if f'{feature}_pretokenized' in example:
     return example[f'{feature}_pretokenized'].decode('utf-8')
   return task.output_features[feature].vocabulary.decode(example[feature].tolist())
-
-
-def _write_atomically(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  with tempfile.NamedTemporaryFile('w', dir=os.path.dirname(path) or '.', delete=False,
-                                   suffix='.tmp') as f:
-    f.write(text)
-  os.replace(f.name, path)

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from gqa_t5x import errors
+from gqa_t5x import errors, files
 from gqa_t5x.reproduce import presets, stages
 from tests import runner_helpers as helpers
 
@@ -168,7 +168,7 @@ def test_rerun_reuses_finished_stages_and_redoes_only_a_deleted_one(smoke):
 def test_a_stage_directory_made_with_another_spec_is_an_error(tmp_path):
   plan = stages.Plan(presets.get('smoke'), str(tmp_path))
   stage = plan.stages[0]
-  stages.write_json_atomically(stage.marker, {'spec': {'steps': 1}, 'result': {}})
+  files.write_json(stage.marker, {'spec': {'steps': 1}, 'result': {}})
   with pytest.raises(errors.ConfigError, match='produced by a different stage'):
     stage.is_done()
 

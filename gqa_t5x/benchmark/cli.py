@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from gqa_t5x import cli
+from gqa_t5x import files
 from gqa_t5x import common_flags
 from gqa_t5x.benchmark import attention_step, decode, peer, report, roofline, timing
 
@@ -239,8 +240,8 @@ def _writer(output_dir: str):
 
   def write(document):
     path = lambda ext: os.path.join(output_dir, f'{FILE_STEM}.{ext}')
-    report.write_json(path('json'), document)
-    report.write_text(path('md'), markdown(document))
+    files.write_json(path('json'), document)
+    files.write_text(path('md'), markdown(document))
     report.write_png(path('png'), document['rows'], _title(document))
 
   return write

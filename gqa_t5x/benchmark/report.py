@@ -4,9 +4,7 @@ A row is a plain dict (see cli.measure_row); the summary turns rows into the iss
 how far each time is above its floor, whether time ever rises as G falls, and the side-by-side
 speed-ups (MHA / GQA-8, peer / ours) from one run.
 """
-import json
-import os
-import tempfile
+from gqa_t5x import files
 
 MIB = 1 << 20
 NOISE_ALLOWANCE = 1.10  # a smaller G may time up to 10% slower before it counts as "rises"
@@ -87,27 +85,6 @@ def format_summary(summary: dict) -> str:
   return '\n'.join(lines)
 
 
-def _write_atomically(path: str, write) -> None:
-  """Writes via a temporary file in the same folder, then renames: never a half-written file."""
-  folder = os.path.dirname(path) or '.'
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-' + os.path.basename(path))
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
-def write_json(path: str, document: dict) -> None:
-  _write_atomically(path, lambda f: f.write(json.dumps(document, indent=2).encode()))
-
-
-def write_text(path: str, text: str) -> None:
-  _write_atomically(path, lambda f: f.write(text.encode()))
-
-
 def write_png(path: str, rows, title: str) -> None:
   """Time per sample against G (log-log), one panel per level, measured lines and dashed floors;
   the peer (MHA only) is a marker at G = H."""
@@ -144,5 +121,5 @@ def write_png(path: str, rows, title: str) -> None:
     panel.legend(fontsize=8)
   fig.suptitle(title, fontsize=8, wrap=True)
   fig.tight_layout()
-  _write_atomically(path, lambda f: fig.savefig(f, format='png', dpi=110))
+  files.write_atomically(path, lambda f: fig.savefig(f, format='png', dpi=110))
   plt.close(fig)

@@ -10,8 +10,9 @@ import io
 import os
 import statistics
 
+from gqa_t5x import files
 from gqa_t5x.reproduce import paper, stats
-from gqa_t5x.reproduce.stages import Plan, Row, Variant, primary, write_json_atomically
+from gqa_t5x.reproduce.stages import Plan, Row, Variant, primary
 
 FIGURES = {'fig3': 'fig3_quality_vs_time.png', 'fig4': 'fig4_conversion.png',
            'fig5': 'fig5_uptraining.png', 'fig6': 'fig6_groups_vs_time.png'}
@@ -319,13 +320,6 @@ def _csv(records: list[dict]) -> str:
   return buffer.getvalue()
 
 
-def _write_text(path: str, text: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 # Figures.
 def _yerr(summaries) -> list[list[float]]:
   """matplotlib's [below, above] error bars of interval summaries."""
@@ -457,9 +451,9 @@ def write(plan: Plan, results_dir: str) -> dict:
               'benchmark': plan.stage('benchmark').result(), 'findings': found,
               'paper': {'table1': paper.TABLE1, 'fig5': paper.FIG5, 'fig5_mha': paper.FIG5_MHA,
                         'fig6': paper.FIG6, 'fig4_order': paper.FIG4_ORDER}}
-  write_json_atomically(os.path.join(results_dir, 'results.json'), document)
-  _write_text(os.path.join(results_dir, 'results.csv'), _csv(records))
-  _write_text(os.path.join(results_dir, 'table.md'),
+  files.write_json(os.path.join(results_dir, 'results.json'), document)
+  files.write_text(os.path.join(results_dir, 'results.csv'), _csv(records))
+  files.write_text(os.path.join(results_dir, 'table.md'),
               markdown(plan, records, baseline_scores, found))
   _plots(plan, records, baseline_scores, results_dir)
   return document

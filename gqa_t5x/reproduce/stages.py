@@ -18,13 +18,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Callable
 
 from etils import epath
 
-from gqa_t5x import checkpointing, errors, runs
+from gqa_t5x import checkpointing, errors, files, runs
 from gqa_t5x.reproduce import baselines
 from gqa_t5x.reproduce.models import FINETUNE, PRETRAIN, Models, train_data
 from gqa_t5x.reproduce.presets import Preset
@@ -125,18 +124,9 @@ class Stage:
     os.makedirs(self.directory, exist_ok=True)
     result = self.work()
     seconds = time.perf_counter() - start
-    write_json_atomically(self.marker, {'stage': self.name, 'spec': json.loads(self.describe()),
+    files.write_json(self.marker, {'stage': self.name, 'spec': json.loads(self.describe()),
                                         'seconds': seconds, 'result': result})
     return seconds
-
-
-def write_json_atomically(path: str, document) -> None:
-  directory = os.path.dirname(path) or '.'
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, suffix='.tmp') as f:
-    json.dump(document, f, indent=2)
-    f.write('\n')
-  os.replace(f.name, path)
 
 
 def checkpoint(model_dir: str, step: int) -> str:
