@@ -169,8 +169,13 @@ def _write_atomically(output: epath.Path, overwrite: bool, write) -> None:
     if output.exists():  # Only reached with --overwrite.
       output.rename(scratch / 'replaced')
     (scratch / output.name).rename(output)
-  finally:
-    scratch.rmtree()
+  except BaseException as error:
+    try:
+      scratch.rmtree()
+    except OSError as cleanup:  # the first error is the one to report
+      error.add_note(f'and {scratch} could not be removed: {cleanup}')
+    raise
+  scratch.rmtree()
 
 
 class Progress:

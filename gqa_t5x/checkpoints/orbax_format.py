@@ -120,24 +120,30 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
 
   async def _stream(self, values, infos, args):
     budget = _ByteBudget(max((value.nbytes for value in values), default=0))
+    writes = []
     # Leaves are admitted in order; each holds its bytes from its read until its write is done.
-    saves = [asyncio.ensure_future(self._save(value, info, arg, budget))
+    saves = [asyncio.ensure_future(self._save(value, info, arg, budget, writes))
              for value, info, arg in zip(values, infos, args)]
     try:
       await asyncio.gather(*saves)
-    except BaseException:  # one leaf failed: stop the others before the error propagates
+    except BaseException:
+      # One leaf failed: cancel the leaves not yet writing, and let the writes under way finish,
+      # so that nothing is still writing into the directory when the caller removes it.
       for save in saves:
         save.cancel()
       await asyncio.gather(*saves, return_exceptions=True)
+      await asyncio.gather(*writes, return_exceptions=True)
       raise
 
-  async def _save(self, value, info, arg, budget):
+  async def _save(self, value, info, arg, budget, writes):
     async with budget.hold(value.nbytes):
       array = await asyncio.to_thread(value.read)
       if array.shape != value.shape or array.dtype != value.dtype:
         raise CheckpointError(f'{info.name}: read {array.dtype}{list(array.shape)}, '
                               f'expected {value.dtype}{list(value.shape)}')
-      await self._background_serialize([array], [info.replace(ts_context=self._context)], [arg])
+      writes.append(asyncio.ensure_future(self._background_serialize(
+          [array], [info.replace(ts_context=self._context)], [arg])))
+      await asyncio.shield(writes[-1])  # a cancel stops the wait here, not the write
       self._on_written(info.name, array.nbytes)
       del array
     _return_freed_memory()
