@@ -239,6 +239,7 @@ def _run(argv) -> None:
   if config is not None and _HEAD_DIM.value and _HEAD_DIM.value != config.head_dim:
     raise CheckpointError(f'--head_dim={_HEAD_DIM.value} contradicts the gin config\'s '
                           f'head_dim {config.head_dim}')
+  orbax_format.map_large_buffers()
   record = convert(_INPUT.value, _OUTPUT.value, _requested_kv_heads(config), head_dim=head_dim,
                    method=_METHOD.value, seed=_SEED.value, overwrite=_OVERWRITE.value,
                    num_heads=config.num_heads if config else None)

@@ -3,12 +3,13 @@ r"""Times gqa-t5x-convert on a synthetic T5.1.1-Large checkpoint against a plain
   .venv/bin/python tools/benchmark_convert.py [--workdir=/tmp/gqa_convert_bench] [--keep]
 
 Writes a float32, T5.1.1-Large-shaped checkpoint (emb 1024, 16 heads x 64, 24+24 layers,
-mlp 2816, vocab 32128: about 3 GB) in T5X's legacy layout, copies it with `cp -r` (the physical
-floor: same bytes read and written), converts it to GQA-8, and reports wall time and peak RSS of
-each. Targets (issue 3): convert < 2x copy time; peak RSS < 2x largest tensor + interpreter,
-where "interpreter" is the peak RSS of a process that only imports what the converter imports.
-The copy runs first so that both read from a warm page cache. Everything is deleted at the end
-unless --keep.
+mlp 2816, vocab 32128: about 3 GB) in T5X's legacy layout, copies it with `cp -r` (the same
+bytes read and written), reads and decompresses every tensor without writing (the converter's
+floor: T5X's gzip, not the disk, is the bottleneck), converts it to GQA-8, and reports wall time
+and peak RSS of each. Targets (issue 14): convert <= 1.3x the read-only floor; peak RSS <= the
+interpreter + 2x the largest tensor, where "interpreter" is the peak RSS of a process that only
+imports what the converter imports. The copy runs first so that all read from a warm page
+cache. Everything is deleted at the end unless --keep.
 """
 import argparse
 import os
@@ -100,23 +101,18 @@ def main():
                f'--output={output}', '--num_kv_heads=8']
     convert_s, convert_mb, log = measured(convert)
     written = directory_bytes(output)
-    shutil.rmtree(os.path.dirname(output))
-    os.environ['MALLOC_MMAP_THRESHOLD_'] = str(2**20)  # big buffers via mmap: no heap growth
-    mmap_s, mmap_mb, _ = measured(convert)
-    del os.environ['MALLOC_MMAP_THRESHOLD_']
     rows = [('cp -r', copy_s, copy_mb, directory_bytes(copy)),
             ('read + gunzip every tensor, no write', read_s, read_mb, 0),
-            ('gqa-t5x-convert (GQA-8)', convert_s, convert_mb, written),
-            ('same, MALLOC_MMAP_THRESHOLD_=1048576', mmap_s, mmap_mb, written)]
+            ('gqa-t5x-convert (GQA-8)', convert_s, convert_mb, written)]
     print(f'checkpoint: {directory_bytes(source) / 1e9:.2f} GB on disk (float32, gzip zarr); '
           f'largest tensor {largest_mb:.0f} MiB; interpreter + imports {interpreter_mb:.0f} MiB')
     print('| | wall time | peak RSS | bytes written |\n|---|---|---|---|')
     for name, seconds, rss, written in rows:
       print(f'| {name} | {seconds:.1f} s | {rss:.0f} MiB | {written / 1e9:.2f} GB |')
     print(f'load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs')
-    print(f'time ratio convert/copy: {convert_s / copy_s:.2f} (target < 2); peak RSS '
-          f'{convert_mb:.0f} MiB vs 2 x largest + interpreter = '
-          f'{2 * largest_mb + interpreter_mb:.0f} MiB')
+    print(f'convert / read-only floor: {convert_s / read_s:.2f} (target <= 1.3); convert / copy: '
+          f'{convert_s / copy_s:.1f}; peak RSS {convert_mb:.0f} MiB vs interpreter + 2 x largest '
+          f'= {2 * largest_mb + interpreter_mb:.0f} MiB')
     print('last progress line:', log.strip().splitlines()[-1] if log.strip() else '-')
   finally:
     if not args.keep:
