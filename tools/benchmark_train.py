@@ -41,13 +41,24 @@ def ours(args, model: str, model_dir: str) -> list[str]:
            '--gin_file=runs/pretrain.gin'] + [f'--gin.{k}={v}' for k, v in macros.items()])
 
 
+# T5X's models beyond tiny default to T5's SentencePiece model in a cloud bucket; the embedded
+# task's vocabulary is the one both frameworks then train with (model sizes unchanged).
+EMBEDDED_VOCABULARY_GIN = '''from __gin__ import dynamic_registration
+from gqa_t5x.tasks import vocab
+VOCABULARY = @vocab.embedded_vocabulary()
+'''
+
+
 def t5x(args, model: str, model_dir: str) -> list[str]:
   macros = {**common_macros(args, model_dir), 'train.eval_period': args.steps,
             'train.stats_period': args.log_period, 'train.train_eval_dataset_cfg': None,
             'utils.SaveCheckpointConfig.period': args.steps}
+  vocabulary_gin = os.path.join(os.path.dirname(model_dir), 'embedded_vocabulary.gin')
+  with open(vocabulary_gin, 'w') as f:
+    f.write(EMBEDDED_VOCABULARY_GIN)
   return ([args.t5x_python, '-m', 't5x.train', f'--gin_search_paths={REPO}/gin_configs',
            f'--gin_file=t5x/t5_1_1/{model}.gin', '--gin_file=t5x/configs/runs/pretrain.gin',
-           '--gin_file=t5x/runs/partitioning.gin']
+           '--gin_file=t5x/runs/partitioning.gin', f'--gin_file={vocabulary_gin}']
           + [f'--gin.{k}={v}' for k, v in macros.items()])
 
 
@@ -57,7 +68,9 @@ def our_windows(model_dir: str) -> list[dict]:
 
 
 def t5x_windows(model_dir: str) -> list[dict]:
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')  # TF's start-up lines are not for people
   import tensorflow as tf  # only for reading T5X's TensorBoard events
+  tf.get_logger().setLevel('ERROR')  # summary_iterator's deprecation warning
   by_step = {}
   for path in sorted(glob.glob(os.path.join(model_dir, 'train', 'events.out.tfevents.*'))):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -69,7 +82,7 @@ def t5x_windows(model_dir: str) -> list[dict]:
 
 def run(command: list[str], model_dir: str, log_path: str) -> None:
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
-  environment = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+  environment = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
                      GQA_T5X_CACHE_DIR=os.path.join(os.path.dirname(model_dir), 'vocab'))
   with open(log_path, 'w') as log:
     result = subprocess.run(command, cwd=REPO, env=environment, stdout=log,
@@ -94,7 +107,7 @@ def main():
   if args.steps < 2 * args.log_period:
     parser.error('--steps must cover at least two --log_period windows (the first compiles)')
   workdir = args.workdir or tempfile.mkdtemp(prefix='gqa_train_bench_')
-  print(f'| model | framework | steps/s | target tokens/s | windows |\n|---|---|---|---|---|')
+  print('| model | framework | steps/s | target tokens/s | windows |\n|---|---|---|---|---|')
   ratios = []
   try:
     for model in args.models.split(','):
