@@ -128,13 +128,23 @@ class GroupedQueryAttention(nn.Module):
     wo = Kernel((h * d, embed), (axes.JOINED_KV, axes.EMBED), attention_kernel_init, name='out')()
     wq, wk, wv, wo = (w.astype(self.dtype) for w in (wq, wk, wv, wo))
 
-    def project_kv(x):  # [b, s, e] -> keys, values [b, k, d, s]
+    def project_kv(x, into_cache_layout=False):  # [b, s, e] -> keys, values [b, k, d, s]
       x = x.astype(self.dtype)
-      # Projected as [b, s, k, d] (the kernel's own column order), then moved to the cache layout:
-      # asking the einsum for [b, k, d, s] directly made XLA:CPU transpose the whole kernel at
-      # every decode step (8x slower at G = 64); for s = 1 the move is free.
-      keys = jnp.moveaxis(jnp.einsum('bse,ekd->bskd', x, wk.reshape(embed, k, d)), 1, 3)
-      values = jnp.moveaxis(jnp.einsum('bse,ekd->bskd', x, wv.reshape(embed, k, d)), 1, 3)
+      if into_cache_layout:  # the cross-attention cache fill: once per decode, s = input length
+        # Straight into [b, k, d, s], the kernel broadcast over the batch: each sample is then one
+        # [k*d, e] x [e, s] product writing its cache rows in place. Moving a projected
+        # [b, s, k, d] (or letting XLA fold the batch into the product's columns) transposes the
+        # whole cache, twice its size in temporaries: at G = 64 the greedy decode benchmark ran
+        # 17-21% faster this way and its peak memory fell from 2757 to 1412 MiB.
+        per_sample = lambda w: jnp.broadcast_to(w.reshape(embed, k, d), (x.shape[0], embed, k, d))
+        keys = jnp.einsum('bse,bekd->bkds', x, per_sample(wk))
+        values = jnp.einsum('bse,bekd->bkds', x, per_sample(wv))
+      else:
+        # Projected as [b, s, k, d] (the kernel's own column order), then moved to the cache
+        # layout: asking the einsum for [b, k, d, s] directly made XLA:CPU transpose the whole
+        # kernel at every decode step (8x slower at G = 64); for s = 1 the move is free.
+        keys = jnp.moveaxis(jnp.einsum('bse,ekd->bskd', x, wk.reshape(embed, k, d)), 1, 3)
+        values = jnp.moveaxis(jnp.einsum('bse,ekd->bskd', x, wv.reshape(embed, k, d)), 1, 3)
       constraint = (axes.BATCH, axes.KV_HEADS, axes.KV, axes.LENGTH)
       return (nn.with_logical_constraint(keys, constraint),
               nn.with_logical_constraint(values, constraint))
@@ -159,7 +169,7 @@ class GroupedQueryAttention(nn.Module):
       # project it at the first step only. (The cond costs a copy of the cache per step on CPU;
       # gqa_t5x.decoding passes inputs_kv=None after the first step instead.)
       keys, values = jax.lax.cond(
-          cache_index.value == 0, lambda: project_kv(inputs_kv),
+          cache_index.value == 0, lambda: project_kv(inputs_kv, into_cache_layout=True),
           lambda: (cached_key.value, cached_value.value))
       cached_key.value, cached_value.value = keys, values
       cache_index.value = jnp.array(1, jnp.int32)

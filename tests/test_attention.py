@@ -123,6 +123,11 @@ def test_cross_attention_projects_encoder_once_and_reuses_the_cache():
   want = reference.mha(x_q, x_kv, wq, reference.repeat_kv_kernel(wk, H, 2, D),
                        reference.repeat_kv_kernel(wv, H, 2, D), wo, H, D)
   np.testing.assert_allclose(first, want, rtol=2e-5, atol=2e-5)
+  # The first step fills the cache with the projected encoder output as [b, G, d, s]: column
+  # head * d + dim of the kernel, moved by hand.
+  for name, kernel in (('cached_key', wk), ('cached_value', wv)):
+    projected = (x_kv @ kernel).reshape(2, 7, 2, D).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(state['cache'][name], projected, rtol=1e-5, atol=1e-5)
 
 
 def test_missing_inputs_kv_outside_cached_cross_attention_is_a_clear_error():
