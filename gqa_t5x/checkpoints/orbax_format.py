@@ -24,7 +24,8 @@ from gqa_t5x.checkpoints.base import (Checkpoint, CheckpointError, LazyTensor, f
 
 STATE_DIR = 'state'
 try:
-  _MALLOC_TRIM, _MALLOPT = ctypes.CDLL(None).malloc_trim, ctypes.CDLL(None).mallopt  # glibc
+  _LIBC = ctypes.CDLL(None)
+  _MALLOC_TRIM, _MALLOPT = _LIBC.malloc_trim, _LIBC.mallopt  # glibc
 except (AttributeError, OSError, TypeError):
   _MALLOC_TRIM = _MALLOPT = None
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -155,8 +156,8 @@ def map_large_buffers(threshold: int = 1 << 20) -> None:
 
   Why: glibc's own threshold rises to 32 MiB after the first large buffer is freed, and from then
   on tensor-sized buffers come from the heap arenas, which keep their peak; a mapped buffer goes
-  back to the OS when it is freed. On a T5.1.1-Large conversion this cut peak RSS by 77 MiB and
-  the time by a tenth (docs/benchmarks.md). The converter's command sets it; a library caller
+  back to the OS when it is freed. On a T5.1.1-Large conversion this cut peak RSS from 552 to
+  474 MiB (docs/benchmarks.md). The converter's command sets it; a library caller
   decides for its own process. A no-op without glibc.
   """
   if _MALLOPT is not None:
