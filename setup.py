@@ -16,7 +16,8 @@ setuptools.setup(
     packages=(setuptools.find_packages(include=["gqa_t5x", "gqa_t5x.*"])
               + ["gqa_t5x.tasks", "gqa_t5x.gin_configs"]),
     package_dir={"gqa_t5x.tasks": "tasks", "gqa_t5x.gin_configs": "gin_configs"},
-    package_data={"gqa_t5x.gin_configs": ["**/*.gin"]},
+    # The CPU decode kernel ships as source: it is compiled on first use, for the CPU it runs on.
+    package_data={"gqa_t5x.gin_configs": ["**/*.gin"], "gqa_t5x.cpu_kernels": ["*.cc"]},
     install_requires=[
         "jax>=0.10.2,<0.11",
         "flax>=0.12.8,<0.13",

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from gqa_t5x import axes
+from gqa_t5x import cpu_kernels
 from gqa_t5x.layers import Kernel
 
 Array = jax.Array
@@ -60,6 +61,24 @@ def grouped_attention(query: Array, keys: Array, values: Array, bias: Array | No
   return jnp.einsum('bkgts,bkds->btkgd', probs, values.astype(dtype))
 
 
+def cached_cross_attention(query: Array, keys: Array, values: Array,
+                           bias: Array | None) -> Array:
+  """grouped_attention for one float32 query position over a filled cross-attention cache, whose
+  bias (the encoder's padding) is the same for every head: query [b, 1, k, g, d], keys and values
+  [b, k, d, s], bias [b, 1, 1, 1, s] or None.
+
+  Why: this reads the whole cross-attention cache at every decode step, the step's largest read.
+  On CPU it runs gqa_t5x.cpu_kernels.cross_attention, which streams keys and values once at
+  close to the read bandwidth; elsewhere, grouped_attention's einsums.
+  """
+  b, s = keys.shape[0], keys.shape[-1]
+  bias = jnp.zeros((b, 1, 1, 1, s), jnp.float32) if bias is None else bias.astype(jnp.float32)
+  kernel = lambda q, k, v, bias: cpu_kernels.cross_attention(
+      q[:, 0], k, v, jnp.broadcast_to(bias[:, 0, 0, 0], (b, s)))[:, None]
+  einsums = lambda q, k, v, bias: grouped_attention(q, k, v, bias, jnp.float32)
+  return cpu_kernels.on_cpu(kernel, einsums, query, keys, values, bias)
+
+
 def mask_to_bias(mask: Array | None, bias: Array | None, num_kv_heads: int) -> Array | None:
   """Combines a T5X mask [b, 1, t, s] (1 = attend) and bias [b|1, h, t, s] into [b, k, g, t, s]."""
   combined = None
@@ -93,6 +112,7 @@ class GroupedQueryAttention(nn.Module):
   dtype: DType = jnp.float32
   dropout_rate: float = 0.0
   float32_logits: bool = False
+  decode_kernels: bool = True  # cached cross-attention steps: cached_cross_attention
 
   def __post_init__(self):
     check_kv_heads(self.num_heads, self.num_kv_heads)
@@ -189,12 +209,16 @@ class GroupedQueryAttention(nn.Module):
       mask = causal if mask is None else mask * causal
 
     bias = mask_to_bias(mask, bias, k)
-    # T5X's attention dropout: one mask per (batch, head, key), shared by every query position
-    # (the t axis of the [b, k, g, t, s] probabilities).
-    dropout = (nn.Dropout(self.dropout_rate, broadcast_dims=(-2,)) if self.dropout_rate > 0
-               else None)
-    out = grouped_attention(query, keys, values, bias, self.dtype, self.float32_logits, dropout,
-                            deterministic)
+    if (self.decode_kernels and self.cross_attention and cache_ready and query.shape[1] == 1
+        and self.dtype == jnp.float32 and (bias is None or bias.shape[1:4] == (1, 1, 1))):
+      out = cached_cross_attention(query, keys, values, bias)
+    else:
+      # T5X's attention dropout: one mask per (batch, head, key), shared by every query position
+      # (the t axis of the [b, k, g, t, s] probabilities).
+      dropout = (nn.Dropout(self.dropout_rate, broadcast_dims=(-2,)) if self.dropout_rate > 0
+                 else None)
+      out = grouped_attention(query, keys, values, bias, self.dtype, self.float32_logits,
+                              dropout, deterministic)
     # Heads joined first ([b, t, H*d], a free reshape): contracting (k, g, d) against a reshaped
     # kernel made XLA copy the whole out kernel at every call.
     return jnp.einsum('btf,fe->bte', out.reshape(*out.shape[:2], h * d), wo)

@@ -42,6 +42,9 @@ class T5Config:
   num_decoder_cross_kv_heads: int | None = None
   num_relpos_buckets: int = 32
   relpos_max_distance: int = 128
+  # Cached decode steps on CPU attend over the cross-attention cache with gqa_t5x.cpu_kernels
+  # (float32); False keeps XLA's ops. Both agree to float32 rounding.
+  cpu_decode_kernels: bool = True
 
   def __post_init__(self):
     for field in ('num_encoder_kv_heads', 'num_decoder_self_kv_heads',
@@ -86,7 +89,8 @@ def attention(cfg: T5Config, kv_heads: int, name: str,
   """A sub-layer's attention with the config's heads, dtype and dropout."""
   return GroupedQueryAttention(cfg.num_heads, kv_heads, cfg.head_dim, cross_attention=cross,
                                dtype=cfg.dtype, dropout_rate=cfg.dropout_rate,
-                               float32_logits=cfg.float32_attention_logits, name=name)
+                               float32_logits=cfg.float32_attention_logits,
+                               decode_kernels=cfg.cpu_decode_kernels, name=name)
 
 
 def mlp(cfg: T5Config) -> MlpBlock:

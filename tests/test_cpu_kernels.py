@@ -1,0 +1,141 @@
+"""The CPU decode kernel (gqa_t5x/cpu_kernels) against float64 numpy, and the decode it speeds up
+against the same decode on XLA's einsums."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gqa_t5x import cpu_kernels
+from gqa_t5x.decoding import greedy_decode
+from gqa_t5x.network import T5Config, Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def numpy_cross_attention(q, keys, values, bias):
+  """softmax(q . keys + bias) . values per (batch, kv head), in float64."""
+  q, keys, values, bias = (np.asarray(a, np.float64) for a in (q, keys, values, bias))
+  scores = np.einsum('bkgd,bkds->bkgs', q, keys) + bias[:, None, None, :]
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum('bkgs,bkds->bkgd', p, values)
+
+
+def test_the_kernel_builds_here():
+  assert cpu_kernels.available(), 'CI has g++: the kernel must build, or nothing below is tested'
+
+
+# Shapes that exercise every path of the kernel: g below, at and above its 4- and 8-row tiles,
+# key lengths with and without a tail past whole 16- and 32-float vectors, odd head dims.
+@pytest.mark.parametrize('b, k, g, d, s', [
+    (2, 4, 1, 64, 2048),  # MHA-like: one query head per kv head
+    (3, 2, 8, 16, 96),    # GQA: whole tiles
+    (1, 1, 64, 8, 48),    # MQA: many query heads share one kv head
+    (2, 3, 5, 12, 37),    # tails everywhere
+    (1, 2, 3, 7, 5),      # fewer keys than one vector
+])
+def test_kernel_matches_float64_softmax_attention(b, k, g, d, s):
+  rng = np.random.default_rng(s)
+  q = rng.normal(size=(b, k, g, d)).astype(np.float32)
+  keys = rng.normal(size=(b, k, d, s)).astype(np.float32)
+  values = rng.normal(size=(b, k, d, s)).astype(np.float32)
+  bias = np.where(rng.random((b, s)) < 0.3, -1e10, 0.0).astype(np.float32)
+  bias[:, 0] = 0  # every row attends somewhere
+  got = jax.jit(cpu_kernels.cross_attention)(q, keys, values, bias)
+  np.testing.assert_allclose(got, numpy_cross_attention(q, keys, values, bias), rtol=2e-5,
+                             atol=2e-6)
+
+
+def test_masked_keys_weigh_nothing_and_a_fully_masked_row_averages_all():
+  rng = np.random.default_rng(0)
+  b, k, g, d, s = 2, 1, 2, 4, 40
+  q = rng.normal(size=(b, k, g, d)).astype(np.float32)
+  keys = rng.normal(size=(b, k, d, s)).astype(np.float32)
+  values = rng.normal(size=(b, k, d, s)).astype(np.float32)
+  bias = np.zeros((b, s), np.float32)
+  bias[0, 20:] = -1e10  # row 0: only the first 20 keys; row 1 all masked (XLA: uniform weights)
+  bias[1, :] = -1e10
+  got = np.asarray(jax.jit(cpu_kernels.cross_attention)(q, keys, values, bias))
+  np.testing.assert_allclose(got[0], numpy_cross_attention(
+      q[:1], keys[:1, ..., :20], values[:1, ..., :20], bias[:1, :20])[0], rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(got[1], np.broadcast_to(values[1].mean(-1)[:, None, :], (k, g, d)),
+                             rtol=2e-5, atol=2e-6)
+
+
+def _decode_setup(kernels: bool, kv_heads: int):
+  cfg = T5Config(vocab_size=67, emb_dim=32, num_heads=8, num_encoder_layers=1,
+                 num_decoder_layers=2, head_dim=8, mlp_dim=48, dropout_rate=0.0,
+                 num_decoder_self_kv_heads=kv_heads, num_decoder_cross_kv_heads=kv_heads,
+                 cpu_decode_kernels=kernels)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(2, 67, (3, 21)), jnp.int32)
+  tokens = tokens.at[1, 15:].set(0)  # padding: the cross-attention bias masks it
+  model = Transformer(cfg)
+  params = model.init(jax.random.key(0), tokens, tokens[:, :6], tokens[:, :6])['params']
+  return model, params, tokens
+
+
+@pytest.mark.parametrize('kv_heads', [8, 2, 1])
+def test_greedy_decode_with_the_kernel_equals_decode_on_einsums(kv_heads):
+  model, params, tokens = _decode_setup(True, kv_heads)
+  reference_model = Transformer(dataclasses.replace(model.config, cpu_decode_kernels=False))
+  compiled = greedy_decode.lower(model, params, tokens, max_decode_length=9).compile()
+  assert cpu_kernels.CROSS_ATTENTION_TARGET in compiled.as_text()  # the kernel path is taken
+  reference_compiled = greedy_decode.lower(reference_model, params, tokens,
+                                           max_decode_length=9).compile()
+  assert cpu_kernels.CROSS_ATTENTION_TARGET not in reference_compiled.as_text()
+  np.testing.assert_array_equal(compiled(params, tokens), reference_compiled(params, tokens))
+
+
+def test_decode_step_logits_with_the_kernel_equal_the_einsums():
+  model, params, tokens = _decode_setup(True, 2)
+  reference_model = Transformer(dataclasses.replace(model.config, cpu_decode_kernels=False))
+  step_inputs = tokens[:, :1]
+  logits = {}
+  for name, m in (('kernel', model), ('einsums', reference_model)):
+    _, state = m.apply({'params': params}, tokens, jnp.zeros((3, 9), jnp.int32),
+                       jnp.zeros((3, 9), jnp.int32), decode=True, enable_dropout=False,
+                       mutable=['cache'])
+    encoded = m.apply({'params': params}, tokens, enable_dropout=False, method=Transformer.encode)
+    cache = jax.tree.map(jnp.zeros_like, state['cache'])
+    out = []
+    for _ in range(3):  # the first step fills the cross-attention cache, later ones read it
+      step, variables = m.apply({'params': params, 'cache': cache}, encoded, tokens, step_inputs,
+                                step_inputs, enable_dropout=False, decode=True,
+                                max_decode_length=9, mutable=['cache'], method=Transformer.decode)
+      cache = variables['cache']
+      out.append(step)
+    logits[name] = np.stack(out)
+  np.testing.assert_allclose(logits['kernel'], logits['einsums'], rtol=1e-5, atol=1e-5)
+
+
+def test_batch_sharded_decode_runs_the_kernel_per_shard():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  assert jax.device_count() >= 2, 'tests/conftest.py sets 8 host devices'
+  model, params, tokens = _decode_setup(True, 2)
+  tokens = jnp.concatenate([tokens, tokens[::-1]])[:4]  # a batch the mesh divides
+  mesh = Mesh(np.array(jax.devices()[:2]), ('data',))
+  sharded = jax.device_put(tokens, NamedSharding(mesh, PartitionSpec('data')))
+  want = greedy_decode(model, params, tokens, max_decode_length=7)
+  np.testing.assert_array_equal(greedy_decode(model, params, sharded, max_decode_length=7), want)
+
+
+def test_without_a_compiler_decode_warns_once_and_uses_the_einsums(tmp_path):
+  script = (
+      'import jax, jax.numpy as jnp\n'
+      'from gqa_t5x import cpu_kernels\n'
+      'from gqa_t5x.attention import cached_cross_attention\n'
+      'x = jnp.ones((1, 1, 1, 2, 4)); kv = jnp.ones((1, 1, 4, 16))\n'
+      'print(cpu_kernels.available(), float(jax.jit(cached_cross_attention)(x, kv, kv, None).sum()))\n')
+  env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'),
+             GQA_T5X_KERNEL_CACHE=str(tmp_path / 'cache'), PYTHONPATH=ROOT)
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                          check=True)
+  assert result.stdout.split() == ['False', '8.0']  # softmax weights sum to 1: 2 heads x 4 dims
+  assert result.stderr.count('CPU decode kernel unavailable') == 1
+  assert 'no-such-compiler' in result.stderr
+  assert not (tmp_path / 'cache').exists()  # nothing half-built is left behind
