@@ -117,6 +117,19 @@ def test_summary_ratios_and_rises():
   assert '| decode | gqa_t5x | float32 | 8 | 2e+03 | 10% | 2.0 | 30.0 | 50 | 1e+03 | memory | 50% | 2.0 | - |' in table
 
 
+def test_xla_rows_time_each_g_again_without_the_cpu_kernel(tiny_flags):
+  tiny_flags.levels, tiny_flags.xla_rows, tiny_flags.peer = ['decode'], True, False
+  document = cli.benchmark()
+  assert [(r['implementation'], r['kv_heads']) for r in document['rows']] == [
+      ('gqa_t5x', 4), ('gqa_t5x', 1), ('gqa_t5x_xla', 4), ('gqa_t5x_xla', 1)]
+  rows = {(r['implementation'], r['kv_heads']): r for r in document['rows']}
+  assert document['summary']['xla/float32'] == {
+      f'xla_over_kernel_G{g}': pytest.approx(rows['gqa_t5x_xla', g]['time_per_sample_s']
+                                             / rows['gqa_t5x', g]['time_per_sample_s'])
+      for g in (4, 1)}
+  assert all(r['roofline_fraction'] is not None for r in document['rows'])
+
+
 def test_default_and_invalid_kv_heads():
   assert cli._kv_heads(64, []) == [64, 32, 16, 8, 4, 2, 1]
   assert cli._kv_heads(12, []) == [12, 6, 3, 1]

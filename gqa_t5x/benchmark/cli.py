@@ -44,6 +44,10 @@ _BATCH = flags.DEFINE_integer('batch', 16, 'Samples per decode.', lower_bound=1)
 _DTYPES = flags.DEFINE_list('dtypes', ['float32'], f'Compute (and weight/cache) dtypes: {DTYPES}.')
 _DEVICE = flags.DEFINE_string('device', '', 'JAX platform to run on (cpu, gpu, tpu); '
                               'default: JAX default backend.')
+_XLA_ROWS = flags.DEFINE_boolean(
+    'xla_rows', False, 'Also time each G\'s decode with T5Config.cpu_decode_kernels=False (XLA\'s '
+    'einsums for the cross-attention), beside the rows with the CPU kernel (implementation '
+    'gqa_t5x_xla).')
 _PEER = flags.DEFINE_boolean('peer', True, 'Also time HuggingFace T5 (MHA) greedy generate '
                              'when torch and transformers are installed.')
 _PEER_DEVICE = flags.DEFINE_string('peer_device', '', 'torch device for the peer; default: '
@@ -144,12 +148,14 @@ def _geometry(kv_heads: int, dtype: str) -> roofline.Geometry:
       bytes_per_element=roofline.bytes_per_element(jnp.dtype(dtype)))
 
 
-def _plan(levels, kv_heads, dtypes, with_peer):
+def _plan(levels, kv_heads, dtypes, with_peer, with_xla):
   """(level, implementation, dtype, G) in the order they are timed."""
   plan = []
   for dtype in dtypes:
     for level in levels:
       plan += [(level, 'gqa_t5x', dtype, g) for g in kv_heads]
+      if level == 'decode' and with_xla:
+        plan += [(level, 'gqa_t5x_xla', dtype, g) for g in kv_heads]
       if level == 'decode' and with_peer:
         plan.append(('decode', 'hf_t5', dtype, _NUM_HEADS.value))
   return plan
@@ -178,7 +184,7 @@ def benchmark(write_outputs=None) -> dict:
         'settings': {**{name: flags.FLAGS[name].value for name in (
             'levels', 'kv_heads', 'num_heads', 'emb_dim', 'mlp_dim', 'vocab_size',
             'num_decoder_layers', 'num_encoder_layers', 'input_length', 'output_length',
-            'batch', 'dtypes', 'warmup', 'reps', 'bandwidth_mib', 'matmul_n', 'seed')},
+            'batch', 'dtypes', 'warmup', 'reps', 'bandwidth_mib', 'matmul_n', 'seed', 'xla_rows')},
                      'head_dim': _head_dim()},
         'machine': {'platform': device.platform, 'device_kind': device.device_kind,
                     'jax': jax.__version__, 'python': platform.python_version(),
@@ -186,7 +192,7 @@ def benchmark(write_outputs=None) -> dict:
         'read_bandwidth_bytes_per_s': bandwidth, 'peer': peer_version,
         'peer_device': peer_device, 'rows': [], 'summary': {},
     }
-    plan = _plan(levels, kv_heads, dtypes, with_peer)
+    plan = _plan(levels, kv_heads, dtypes, with_peer, _XLA_ROWS.value)
     start = time.perf_counter()
     for i, (level, implementation, dtype, g) in enumerate(plan):
       geometry = _geometry(g, dtype)
@@ -195,8 +201,9 @@ def benchmark(write_outputs=None) -> dict:
       elif level == 'attention':
         run, peak = attention_step.build(geometry, jnp.dtype(dtype), _SEED.value)
       else:
-        run, peak = decode.build(geometry, _ENCODER_LAYERS.value, jnp.dtype(dtype), _SEED.value)
-      comparable = implementation == 'gqa_t5x' or same_device
+        run, peak = decode.build(geometry, _ENCODER_LAYERS.value, jnp.dtype(dtype), _SEED.value,
+                                 cpu_kernels=implementation == 'gqa_t5x')
+      comparable = implementation != 'hf_t5' or same_device
       # Re-measured beside every row: on a shared machine the bandwidth drifts with the load.
       bandwidth = roofline.measure_read_bandwidth(_BANDWIDTH_MIB.value * report.MIB, reps=5)
       flops_per_s = roofline.measure_matmul_flops(_MATMUL_N.value, jnp.dtype(dtype))

@@ -15,13 +15,14 @@ from gqa_t5x.network import T5Config, Transformer
 NEVER_EOS = -1
 
 
-def model_config(g: Geometry, num_encoder_layers: int, dtype) -> T5Config:
+def model_config(g: Geometry, num_encoder_layers: int, dtype, cpu_kernels: bool = True) -> T5Config:
   """T5.1.1 with the geometry's sizes; GQA (G = kv_heads) in decoder self- and cross-attention."""
   return T5Config(
       vocab_size=g.vocab_size, dtype=dtype, emb_dim=g.emb_dim, num_heads=g.num_heads,
       num_encoder_layers=num_encoder_layers, num_decoder_layers=g.num_decoder_layers,
       head_dim=g.head_dim, mlp_dim=g.mlp_dim, dropout_rate=0.0,
-      num_decoder_self_kv_heads=g.kv_heads, num_decoder_cross_kv_heads=g.kv_heads)
+      num_decoder_self_kv_heads=g.kv_heads, num_decoder_cross_kv_heads=g.kv_heads,
+      cpu_decode_kernels=cpu_kernels)
 
 
 def random_inputs(g: Geometry, seed: int) -> jax.Array:
@@ -30,12 +31,13 @@ def random_inputs(g: Geometry, seed: int) -> jax.Array:
                             jnp.int32)
 
 
-def build(g: Geometry, num_encoder_layers: int, dtype, seed: int = 0):
+def build(g: Geometry, num_encoder_layers: int, dtype, seed: int = 0, cpu_kernels: bool = True):
   """Returns (run, peak_bytes): run() greedy-decodes one batch of output_length tokens, blocking.
 
   Weights are stored in the compute dtype (as for serving), not T5X's float32 training params.
+  cpu_kernels=False keeps XLA's einsums where gqa_t5x.cpu_kernels would run.
   """
-  model = Transformer(model_config(g, num_encoder_layers, dtype))
+  model = Transformer(model_config(g, num_encoder_layers, dtype, cpu_kernels))
   tokens = random_inputs(g, seed)
   targets = jnp.ones((g.batch, g.output_length), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(seed), tokens, targets, targets))

@@ -2,7 +2,7 @@
 
 A row is a plain dict (see cli.measure_row); the summary turns rows into the issue's targets:
 how far each time is above its floor, whether time ever rises as G falls, and the side-by-side
-speed-ups (MHA / GQA-8, peer / ours) from one run.
+speed-ups (MHA / GQA-8, peer / ours, XLA's einsums / the CPU kernel) from one run.
 """
 from gqa_t5x import files
 
@@ -65,8 +65,12 @@ def summarize(rows, num_heads: int) -> dict:
         entry[f'floor_speedup_{name}_over_mha'] = mha['bytes_per_step'] / other['bytes_per_step']
     summary[key] = entry
   for dtype in sorted({r['dtype'] for r in rows}):
-    peer = _series(rows, 'decode', 'hf_t5', dtype).get(num_heads)
     ours = _series(rows, 'decode', 'gqa_t5x', dtype)
+    xla = _series(rows, 'decode', 'gqa_t5x_xla', dtype)
+    for g in sorted(set(ours) & set(xla), reverse=True):
+      summary.setdefault(f'xla/{dtype}', {})[f'xla_over_kernel_G{g}'] = (
+          xla[g]['time_per_sample_s'] / ours[g]['time_per_sample_s'])
+    peer = _series(rows, 'decode', 'hf_t5', dtype).get(num_heads)
     if peer is None:
       continue
     for g, name in ((num_heads, 'peer_over_our_mha'), (8, 'peer_over_our_gqa8')):
