@@ -121,7 +121,7 @@ def test_xla_rows_time_each_g_again_without_the_cpu_kernel(tiny_flags):
   tiny_flags.levels, tiny_flags.xla_rows, tiny_flags.peer = ['decode'], True, False
   document = cli.benchmark()
   assert [(r['implementation'], r['kv_heads']) for r in document['rows']] == [
-      ('gqa_t5x', 4), ('gqa_t5x', 1), ('gqa_t5x_xla', 4), ('gqa_t5x_xla', 1)]
+      ('gqa_t5x', 4), ('gqa_t5x_xla', 4), ('gqa_t5x', 1), ('gqa_t5x_xla', 1)]
   rows = {(r['implementation'], r['kv_heads']): r for r in document['rows']}
   assert document['summary']['xla/float32'] == {
       f'xla_over_kernel_G{g}': pytest.approx(rows['gqa_t5x_xla', g]['time_per_sample_s']

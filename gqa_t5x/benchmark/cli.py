@@ -153,9 +153,11 @@ def _plan(levels, kv_heads, dtypes, with_peer, with_xla):
   plan = []
   for dtype in dtypes:
     for level in levels:
-      plan += [(level, 'gqa_t5x', dtype, g) for g in kv_heads]
-      if level == 'decode' and with_xla:
-        plan += [(level, 'gqa_t5x_xla', dtype, g) for g in kv_heads]
+      # With XLA rows, each G's two decodes are timed one after the other: on a shared machine the
+      # load drifts, and the ratio of neighbours is the one to trust.
+      implementations = ['gqa_t5x'] + (['gqa_t5x_xla'] if level == 'decode' and with_xla else [])
+      plan += [(level, implementation, dtype, g) for g in kv_heads
+               for implementation in implementations]
       if level == 'decode' and with_peer:
         plan.append(('decode', 'hf_t5', dtype, _NUM_HEADS.value))
   return plan
