@@ -26,7 +26,7 @@ FLAGS_READ = {
                           'num_decoder_layers', 'num_encoder_layers', 'input_length',
                           'output_length', 'batch', 'dtypes', 'device', 'peer', 'peer_device',
                           'warmup', 'reps', 'bandwidth_mib', 'matmul_n', 'kv_heads', 'seed',
-                          'output_dir'},
+                          'output_dir', 'xla_rows'},
     'gqa-t5x-reproduce': {'preset', 'output_dir', 'dry_run'},
 }
 TINY = ['--gin_file=models/t5_1_1/tiny.gin', '--gin.VOCAB_SIZE=1152',
@@ -42,6 +42,17 @@ def run(installed, command: str, *args: str, cwd, status: int = 0) -> str:
   output = result.stdout + result.stderr
   assert result.returncode == status, f'{command} {" ".join(args)}: {output[-5000:]}'
   return output
+
+
+def test_the_installed_package_builds_its_cpu_kernel(installed, tmp_path):
+  # The kernel's C++ source ships in the wheel and compiles from there (a wheel without it would
+  # decode on the slower einsums with only a warning).
+  result = subprocess.run(
+      [installed.python, '-c', 'from gqa_t5x import cpu_kernels; print(cpu_kernels.available())'],
+      cwd=tmp_path, env=dict(os.environ, GQA_T5X_KERNEL_CACHE=str(tmp_path / 'kernels')),
+      capture_output=True, text=True, timeout=300)
+  assert result.stdout.strip() == 'True', result.stderr[-3000:]
+  assert len(os.listdir(tmp_path / 'kernels')) == 1  # the built library, nothing half-written
 
 
 def assert_for_people(output: str) -> None:
