@@ -186,7 +186,8 @@ def benchmark(write_outputs=None) -> dict:
         'settings': {**{name: flags.FLAGS[name].value for name in (
             'levels', 'kv_heads', 'num_heads', 'emb_dim', 'mlp_dim', 'vocab_size',
             'num_decoder_layers', 'num_encoder_layers', 'input_length', 'output_length',
-            'batch', 'dtypes', 'warmup', 'reps', 'bandwidth_mib', 'matmul_n', 'seed', 'xla_rows')},
+            'batch', 'dtypes', 'warmup', 'reps', 'bandwidth_mib', 'matmul_n', 'seed',
+            'xla_rows')},
                      'head_dim': _head_dim()},
         'machine': {'platform': device.platform, 'device_kind': device.device_kind,
                     'jax': jax.__version__, 'python': platform.python_version(),

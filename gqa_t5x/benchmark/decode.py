@@ -15,7 +15,8 @@ from gqa_t5x.network import T5Config, Transformer
 NEVER_EOS = -1
 
 
-def model_config(g: Geometry, num_encoder_layers: int, dtype, cpu_kernels: bool = True) -> T5Config:
+def model_config(g: Geometry, num_encoder_layers: int, dtype,
+                 cpu_kernels: bool = True) -> T5Config:
   """T5.1.1 with the geometry's sizes; GQA (G = kv_heads) in decoder self- and cross-attention."""
   return T5Config(
       vocab_size=g.vocab_size, dtype=dtype, emb_dim=g.emb_dim, num_heads=g.num_heads,
