@@ -103,7 +103,7 @@ def test_decode_step_logits_with_the_kernel_equal_the_einsums():
   reference_model = Transformer(dataclasses.replace(model.config, cpu_decode_kernels=False))
 
   def three_steps(params, tokens, m):
-    """Logits of three cached steps: the first fills the cross-attention cache, later ones read it."""
+    """Logits of three cached steps (the first fills the cross-attention cache)."""
     _, state = m.apply({'params': params}, tokens, jnp.zeros((3, 9), jnp.int32),
                        jnp.zeros((3, 9), jnp.int32), decode=True, enable_dropout=False,
                        mutable=['cache'])
@@ -141,7 +141,8 @@ def test_without_a_compiler_decode_warns_once_and_uses_the_einsums(tmp_path):
       'from gqa_t5x import cpu_kernels\n'
       'from gqa_t5x.attention import cached_cross_attention\n'
       'x = jnp.ones((1, 1, 1, 2, 4)); kv = jnp.ones((1, 1, 4, 16))\n'
-      'print(cpu_kernels.available(), float(jax.jit(cached_cross_attention)(x, kv, kv, None).sum()))\n')
+      'out = jax.jit(cached_cross_attention)(x, kv, kv, None)\n'
+      'print(cpu_kernels.available(), float(out.sum()))\n')
   env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'),
              GQA_T5X_KERNEL_CACHE=str(tmp_path / 'cache'), PYTHONPATH=ROOT)
   result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
