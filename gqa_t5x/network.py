@@ -14,7 +14,6 @@ import jax.numpy as jnp
 from gqa_t5x.attention import GroupedQueryAttention, check_kv_heads
 from gqa_t5x.layers import Embed, Kernel, MlpBlock, RelativePositionBias, RMSNorm
 from gqa_t5x import axes
-from gqa_t5x import cpu_kernels
 
 Array = jax.Array
 
@@ -43,8 +42,8 @@ class T5Config:
   num_decoder_cross_kv_heads: int | None = None
   num_relpos_buckets: int = 32
   relpos_max_distance: int = 128
-  # Cached float32 decode steps on CPU run their cross-attention and logits with
-  # gqa_t5x.cpu_kernels; False keeps XLA's ops. Both agree to float32 rounding.
+  # Cached decode steps on CPU attend over the cross-attention cache with gqa_t5x.cpu_kernels
+  # (float32); False keeps XLA's ops. Both agree to float32 rounding.
   cpu_decode_kernels: bool = True
 
   def __post_init__(self):
@@ -197,8 +196,6 @@ class Decoder(nn.Module):
       return jnp.einsum('bte,ve->btv', y.astype(jnp.float32), embedding) / jnp.sqrt(y.shape[-1])
     # float32 logits for stability, as T5X.
     kernel = Kernel((cfg.emb_dim, cfg.vocab_size), (axes.EMBED, axes.VOCAB), name='logits_dense')()
-    if cache_ready and cfg.cpu_decode_kernels:  # a decode step: the largest weight it reads
-      return cpu_kernels.matmul(y.astype(jnp.float32), kernel)
     return jnp.einsum('bte,ev->btv', y.astype(jnp.float32), kernel)
 
 

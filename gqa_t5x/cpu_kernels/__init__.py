@@ -1,18 +1,16 @@
-"""XLA:CPU kernels for a cached decode step's two largest reads, compiled for this CPU.
+"""An XLA:CPU kernel for a cached decode step's cross-attention, compiled for this CPU.
 
-Why: a decode step at serving batch sizes is memory-bound, and its largest reads are the
-cross-attention cache (2 G d s floats per sample) and the logits weight. XLA:CPU's libraries
-(YNNPACK, Eigen) run the cache's grouped products ([H/G, d] x [d, s] per batch and kv head) and
-the few-row logits product at a third of the read bandwidth or less (docs/benchmarks.md), which
-kept GQA's measured speed-up at half of what its bytes allow. decode_step.cc streams each of them
-once, on all cores (XLA's intra-op thread pool):
-- `cross_attention`: scores, softmax and value mix per (batch, kv head) in one pass, called by
-  `gqa_t5x.attention.cached_cross_attention`;
-- `matmul`: the decode step's logits (`gqa_t5x.network.Decoder`).
+Why: a decode step at serving batch sizes is memory-bound, and its largest read is the
+cross-attention cache (2 G d s floats per sample). XLA:CPU's libraries (YNNPACK, Eigen) run its
+grouped products ([H/G, d] x [d, s] per batch and kv head) at a third of the read bandwidth
+(docs/benchmarks.md), which kept GQA's measured speed-up at half of what its bytes allow.
+decode_step.cc computes scores, softmax and the value mix per (batch, kv head) in one pass that
+streams keys and values once, on all cores (XLA's intra-op thread pool).
 
-Both go through `on_cpu`, which keeps XLA's ops on other platforms and wherever the kernels cannot
-be built. The library is compiled with the system C++ compiler on first use and kept in a cache
-keyed by source, jaxlib and CPU; without a compiler a warning says why, once, and XLA's ops run.
+`gqa_t5x.attention.cached_cross_attention` calls it through `on_cpu`, which keeps XLA's einsums
+on other platforms and wherever the kernel cannot be built. The library is compiled with the
+system C++ compiler on first use and kept in a cache keyed by source, jaxlib and CPU; without a
+compiler a warning says why, once, and the einsums run.
 """
 import ctypes
 import functools
@@ -26,17 +24,12 @@ import tempfile
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import jaxlib
 
 Array = jax.Array
 
 SOURCE = 'decode_step.cc'
 CROSS_ATTENTION_TARGET = 'gqa_t5x_cross_attention'
-MATMUL_TARGET = 'gqa_t5x_matmul'
-# `matmul` uses the kernel up to this many rows (a decode step's batch, times beams); beyond, each
-# weight element is used often enough that XLA's GEMMs are compute-bound, not memory-bound.
-MAX_MATMUL_ROWS = 64
 _FLAGS = ('-O3', '-march=native', '-shared', '-fPIC', '-std=c++17')
 _DISABLE_ENV = 'GQA_T5X_CPU_KERNELS'  # '0' turns the kernel off process-wide
 
@@ -95,8 +88,6 @@ def available() -> bool:
   except (OSError, RuntimeError) as e:
     logging.warning('gqa_t5x CPU decode kernel unavailable, using XLA ops instead: %s', e)
     return False
-  jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(library.GqaMatmul),
-                              platform='cpu')
   jax.ffi.register_ffi_target(CROSS_ATTENTION_TARGET,
                               jax.ffi.pycapsule(library.GqaCrossAttention), platform='cpu')
   # Its operands all lead with the batch: a batch-sharded step runs it per shard.
@@ -122,27 +113,3 @@ def cross_attention(query: Array, keys: Array, values: Array, bias: Array) -> Ar
   """
   return jax.ffi.ffi_call(CROSS_ATTENTION_TARGET, jax.ShapeDtypeStruct(query.shape, query.dtype),
                           vmap_method='sequential')(query, keys, values, bias)
-
-
-
-def _einsum_matmul(x: Array, w: Array) -> Array:
-  return jnp.einsum('...k,kn->...n', x, w)
-
-
-def _kernel_matmul(x: Array, w: Array) -> Array:
-  rows = x.reshape(-1, x.shape[-1])
-  # w is asked for in [N, K] order (its second axis major): the kernel reads whole weight rows.
-  out = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((rows.shape[0], w.shape[1]), x.dtype),
-                         input_layouts=[None, (1, 0)], vmap_method='sequential')(rows, w)
-  return out.reshape(*x.shape[:-1], w.shape[1])
-
-
-def matmul(x: Array, w: Array) -> Array:
-  """x [..., K] @ w [K, N]; on CPU by the kernel for float32 and at most MAX_MATMUL_ROWS rows.
-
-  For the decode step's logits (the largest weight a step reads); it has no gradient.
-  """
-  rows = x.size // x.shape[-1] if x.shape[-1] else 0
-  if x.dtype != jnp.float32 or w.dtype != jnp.float32 or not 0 < rows <= MAX_MATMUL_ROWS:
-    return _einsum_matmul(x, w)
-  return on_cpu(_kernel_matmul, _einsum_matmul, x, w)

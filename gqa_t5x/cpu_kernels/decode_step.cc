@@ -1,16 +1,15 @@
-// XLA:CPU kernels (XLA FFI handlers) for the two largest reads of a cached decode step: one query
-// position of grouped-query attention over the whole cross-attention cache, and the logits.
+// An XLA:CPU kernel (XLA FFI handler) for the largest read of a cached decode step: one query
+// position of grouped-query attention over the whole cross-attention cache.
 //
-// A decode step at serving batch sizes should read the cache and the weights once, at the
-// machine's read bandwidth. Both kernels stream their large operand once, in an order the hardware
-// prefetchers can follow, while a register tile does the multiply-adds each loaded float allows;
-// the work is shared out over XLA's intra-op thread pool.
+// A decode step at serving batch sizes should read the cache once, at the machine's read
+// bandwidth. The kernel streams each (batch, kv head)'s keys and then values once, in an order the
+// hardware prefetchers can follow, while a register tile does the g = H/G multiply-adds each loaded
+// float allows; the (batch, kv head) items are shared out over XLA's intra-op thread pool.
 //
 // Built by gqa_t5x/cpu_kernels/__init__.py with -march=native for the machine it runs on. Vectors
 // are GCC/Clang vector extensions of 16 floats: AVX-512 registers where the CPU has them, pairs of
 // AVX2 (or four NEON) registers otherwise.
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -274,114 +273,6 @@ ffi::Error CrossAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
-// ---- out [M, N] = x [M, K] @ w [K, N] for a few rows M (a decode step's logits) -----------------
-//
-// The weight arrives transposed, [N, K] in memory (the custom call asks for that layout; XLA
-// transposes a loop-invariant weight once, before the decode loop), so it is read in address
-// order, 4 weight rows at a time, each prefetched a few rows ahead. Each 4 x 4 tile of the output
-// is 16 dot products over K, kept as 16 vectors and summed across lanes together at the end.
-
-constexpr int64_t kWeightRowsAhead = 8;
-constexpr int64_t kMatmulColumnsPerTask = 256;
-
-// Lane sums of 16 vectors as one vector: four rounds of two-source shuffles and adds. Lane i of
-// the result is the sum of a[ReducedOrder(i)].
-constexpr IVec kLo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-constexpr IVec kHi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-constexpr IVec kLo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
-constexpr IVec kHi4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
-constexpr IVec kLo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
-constexpr IVec kHi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
-constexpr IVec kLo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
-constexpr IVec kHi1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
-
-inline Vec Fold(Vec a, Vec b, IVec lo, IVec hi) {
-  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
-}
-
-inline Vec ReduceLanes16(const Vec* a) {
-  Vec b[8], c[4], d[2];
-  for (int i = 0; i < 8; ++i) b[i] = Fold(a[2 * i], a[2 * i + 1], kLo8, kHi8);
-  for (int i = 0; i < 4; ++i) c[i] = Fold(b[2 * i], b[2 * i + 1], kLo4, kHi4);
-  for (int i = 0; i < 2; ++i) d[i] = Fold(c[2 * i], c[2 * i + 1], kLo2, kHi2);
-  return Fold(d[0], d[1], kLo1, kHi1);
-}
-
-// Which of ReduceLanes16's 16 inputs lane `lane` sums (found once, by reducing known values).
-int ReducedOrder(int lane) {
-  static const std::array<int, kLanes> order = [] {
-    Vec a[kLanes];
-    for (int k = 0; k < kLanes; ++k) a[k] = Splat(static_cast<float>(k));
-    const Vec sums = ReduceLanes16(a);
-    std::array<int, kLanes> o;
-    for (int i = 0; i < kLanes; ++i) o[i] = static_cast<int>(sums[i]) / kLanes;
-    return o;
-  }();
-  return order[lane];
-}
-
-inline float Dot(const float* a, const float* b, int64_t from, int64_t to) {
-  Vec acc = {};
-  int64_t k = from;
-  for (; k + kLanes <= to; k += kLanes) acc += Load(a + k) * Load(b + k);
-  float total = Sum(acc);
-  for (; k < to; ++k) total += a[k] * b[k];
-  return total;
-}
-
-// out [m0:m0+4, n0:n0+4]; k_vec = K rounded down to whole vectors, the rest added one by one.
-void MatmulTile(const float* x, const float* wt, float* out, int64_t K, int64_t k_vec, int64_t N,
-                int64_t m0, int64_t n0, const int* order) {
-  Vec acc[16] = {};
-  for (int64_t k = 0; k < k_vec; k += kLanes) {
-    Vec wv[4], xv[4];
-    for (int j = 0; j < 4; ++j) wv[j] = Load(wt + (n0 + j) * K + k);
-    if (m0 == 0) {  // the first row block reads the weight from memory: fetch what comes next
-      for (int j = 0; j < 4; ++j) __builtin_prefetch(wt + (n0 + kWeightRowsAhead + j) * K + k);
-    }
-    for (int i = 0; i < 4; ++i) xv[i] = Load(x + (m0 + i) * K + k);
-    for (int i = 0; i < 4; ++i) {
-      for (int j = 0; j < 4; ++j) acc[4 * i + j] += xv[i] * wv[j];
-    }
-  }
-  const Vec sums = ReduceLanes16(acc);
-  for (int lane = 0; lane < kLanes; ++lane) {
-    const int i = order[lane] / 4, j = order[lane] % 4;
-    out[(m0 + i) * N + n0 + j] =
-        sums[lane] + Dot(x + (m0 + i) * K, wt + (n0 + j) * K, k_vec, K);
-  }
-}
-
-ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wt,
-                      ffi::ResultBuffer<ffi::F32> out) {
-  // wt's dimensions are w's, [K, N]; its memory is [N, K] (the layout the call asks for).
-  const auto xd = x.dimensions(), wd = wt.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) {
-    return ffi::Error::InvalidArgument("gqa_t5x_matmul expects x [M, K] and w [K, N]");
-  }
-  const int64_t M = xd[0], K = xd[1], N = wd[1], k_vec = K / kLanes * kLanes;
-  const float* xp = x.typed_data();
-  const float* wp = wt.typed_data();
-  float* op = out->typed_data();
-  int order[kLanes];
-  for (int i = 0; i < kLanes; ++i) order[i] = ReducedOrder(i);
-  ParallelFor(pool, (N + kMatmulColumnsPerTask - 1) / kMatmulColumnsPerTask, [&](int64_t t) {
-    const int64_t n_end = std::min((t + 1) * kMatmulColumnsPerTask, N);
-    int64_t n = t * kMatmulColumnsPerTask;
-    for (; n + 4 <= n_end; n += 4) {
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) MatmulTile(xp, wp, op, K, k_vec, N, m, n, order);
-      for (; m < M; ++m) {
-        for (int64_t j = n; j < n + 4; ++j) op[m * N + j] = Dot(xp + m * K, wp + j * K, 0, K);
-      }
-    }
-    for (; n < n_end; ++n) {
-      for (int64_t m = 0; m < M; ++m) op[m * N + n] = Dot(xp + m * K, wp + n * K, 0, K);
-    }
-  });
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaCrossAttention, CrossAttentionImpl,
@@ -389,13 +280,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaCrossAttention, CrossAttentionImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaMatmul, MatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
