@@ -151,3 +151,15 @@ def test_without_a_compiler_decode_warns_once_and_uses_the_einsums(tmp_path):
   assert result.stderr.count('CPU decode kernel unavailable') == 1
   assert 'no-such-compiler' in result.stderr
   assert not (tmp_path / 'cache').exists()  # nothing half-built is left behind
+
+
+def test_an_unusable_cache_directory_builds_in_the_temporary_directory(tmp_path):
+  not_a_directory = tmp_path / 'a-file'
+  not_a_directory.write_text('')  # a cache path under a file cannot be created, even by root
+  env = dict(os.environ, GQA_T5X_KERNEL_CACHE=str(not_a_directory / 'kernels'),
+             TMPDIR=str(tmp_path), PYTHONPATH=ROOT)
+  result = subprocess.run(
+      [sys.executable, '-c', 'from gqa_t5x import cpu_kernels; print(cpu_kernels.available())'],
+      env=env, capture_output=True, text=True, check=True)
+  assert result.stdout.strip() == 'True', result.stderr[-3000:]
+  assert len(os.listdir(tmp_path / f'gqa_t5x-{os.getuid()}')) == 1

@@ -35,7 +35,8 @@ _DISABLE_ENV = 'GQA_T5X_CPU_KERNELS'  # '0' turns the kernel off process-wide
 
 
 def cache_dir() -> str:
-  """Where built libraries are kept: $GQA_T5X_KERNEL_CACHE, else the user's cache directory."""
+  """Where built libraries are kept: $GQA_T5X_KERNEL_CACHE, else the user's cache directory (if
+  it cannot be written, _build uses a per-user directory under the system's temporary one)."""
   return os.environ.get('GQA_T5X_KERNEL_CACHE') or os.path.join(
       os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'gqa_t5x', 'kernels')
 
@@ -58,11 +59,16 @@ def _build(source: bytes) -> str:
   key = hashlib.sha256(b'\0'.join(
       [source, jaxlib.__version__.encode(), ' '.join(_FLAGS).encode(), compiler.encode(),
        _cpu_identity()])).hexdigest()[:16]
-  directory = cache_dir()
-  path = os.path.join(directory, f'decode_step-{key}.so')
-  if os.path.exists(path):
-    return path
-  os.makedirs(directory, exist_ok=True)
+  for directory in (cache_dir(), os.path.join(tempfile.gettempdir(), f'gqa_t5x-{os.getuid()}')):
+    path = os.path.join(directory, f'decode_step-{key}.so')
+    if os.path.exists(path):
+      return path
+    try:
+      os.makedirs(directory, exist_ok=True)
+      if os.access(directory, os.W_OK):
+        break
+    except OSError:
+      pass  # a read-only home: build in the temporary directory instead
   logging.info('Compiling the gqa_t5x CPU decode kernel into %s (once per machine).', path)
   with tempfile.TemporaryDirectory(dir=directory) as tmp:
     src = os.path.join(tmp, SOURCE)
