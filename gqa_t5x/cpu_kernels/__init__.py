@@ -117,5 +117,8 @@ def cross_attention(query: Array, keys: Array, values: Array, bias: Array) -> Ar
   query [b, k, g, d]; keys, values [b, k, d, s] (the cache layout); bias [b, s]. Returns
   [b, k, g, d].
   """
+  if not available():
+    raise RuntimeError('the gqa_t5x CPU decode kernel could not be built (see the warning above); '
+                       'call it through on_cpu to fall back to XLA\'s ops')
   return jax.ffi.ffi_call(CROSS_ATTENTION_TARGET, jax.ShapeDtypeStruct(query.shape, query.dtype),
                           vmap_method='sequential')(query, keys, values, bias)
