@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from gqa_t5x import axes
 from gqa_t5x import cpu_kernels
-from gqa_t5x.layers import Kernel
+from gqa_t5x.layers import Kernel, step_dense
 
 Array = jax.Array
 DType = Any
@@ -112,7 +112,9 @@ class GroupedQueryAttention(nn.Module):
   dtype: DType = jnp.float32
   dropout_rate: float = 0.0
   float32_logits: bool = False
-  decode_kernels: bool = True  # cached cross-attention steps: cached_cross_attention
+  # Cached decode steps (one float32 position): projections by step_dense, cross-attention by
+  # cached_cross_attention.
+  decode_kernels: bool = True
 
   def __post_init__(self):
     check_kv_heads(self.num_heads, self.num_kv_heads)
@@ -133,6 +135,8 @@ class GroupedQueryAttention(nn.Module):
     embed = inputs_q.shape[-1]
     h, k, g, d = self.num_heads, self.num_kv_heads, self.queries_per_kv_head, self.head_dim
     cache_ready = decode and self.has_variable('cache', 'cached_key')
+    step = (self.decode_kernels and cache_ready and inputs_q.shape[1] == 1
+            and self.dtype == jnp.float32)
     if inputs_kv is None and not (cache_ready and self.cross_attention):
       raise ValueError('inputs_kv=None is only accepted by cached cross-attention (decode=True '
                        'after the cache was created and filled); pass the encoder output.')
@@ -158,6 +162,8 @@ class GroupedQueryAttention(nn.Module):
         # 17-21% faster this way and its peak memory fell from 2757 to 1412 MiB.
         project = lambda w: jnp.einsum('bse,bekd->bkds', x, jnp.broadcast_to(
             w.reshape(embed, k, d), (x.shape[0], embed, k, d)))
+      elif step:  # the self-attention's new position
+        project = lambda w: jnp.moveaxis(step_dense(x, w).reshape(*x.shape[:2], k, d), 1, 3)
       else:
         # Projected as [b, s, k, d] (the kernel's own column order), then moved to the cache
         # layout: asking the einsum for [b, k, d, s] directly made XLA:CPU transpose the whole
@@ -169,7 +175,11 @@ class GroupedQueryAttention(nn.Module):
       return (nn.with_logical_constraint(keys, constraint),
               nn.with_logical_constraint(values, constraint))
 
-    query = jnp.einsum('bte,ekgd->btkgd', inputs_q.astype(self.dtype), wq.reshape(embed, k, g, d))
+    if step:
+      query = step_dense(inputs_q.astype(self.dtype), wq).reshape(*inputs_q.shape[:2], k, g, d)
+    else:
+      query = jnp.einsum('bte,ekgd->btkgd', inputs_q.astype(self.dtype),
+                         wq.reshape(embed, k, g, d))
     query = nn.with_logical_constraint(
         query, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.HEADS, axes.KV))
 
@@ -209,8 +219,7 @@ class GroupedQueryAttention(nn.Module):
       mask = causal if mask is None else mask * causal
 
     bias = mask_to_bias(mask, bias, k)
-    if (self.decode_kernels and self.cross_attention and cache_ready and query.shape[1] == 1
-        and self.dtype == jnp.float32 and (bias is None or bias.shape[1:4] == (1, 1, 1))):
+    if step and self.cross_attention and (bias is None or bias.shape[1:4] == (1, 1, 1)):
       out = cached_cross_attention(query, keys, values, bias)
     else:
       # T5X's attention dropout: one mask per (batch, head, key), shared by every query position
@@ -221,4 +230,5 @@ class GroupedQueryAttention(nn.Module):
                               dropout, deterministic)
     # Heads joined first ([b, t, H*d], a free reshape): contracting (k, g, d) against a reshaped
     # kernel made XLA copy the whole out kernel at every call.
-    return jnp.einsum('btf,fe->bte', out.reshape(*out.shape[:2], h * d), wo)
+    out = out.reshape(*out.shape[:2], h * d)
+    return step_dense(out, wo) if step else jnp.einsum('btf,fe->bte', out, wo)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from gqa_t5x.attention import GroupedQueryAttention, check_kv_heads
-from gqa_t5x.layers import Embed, Kernel, MlpBlock, RelativePositionBias, RMSNorm
+from gqa_t5x.layers import Embed, Kernel, MlpBlock, RelativePositionBias, RMSNorm, step_dense
 from gqa_t5x import axes
 
 Array = jax.Array
@@ -94,7 +94,8 @@ def attention(cfg: T5Config, kv_heads: int, name: str,
 
 
 def mlp(cfg: T5Config) -> MlpBlock:
-  return MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name='mlp')
+  return MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype,
+                  decode_kernels=cfg.cpu_decode_kernels, name='mlp')
 
 
 class EncoderLayer(nn.Module):
@@ -131,7 +132,7 @@ class DecoderLayer(nn.Module):
         z, encoded, cross_mask, deterministic=deterministic, decode=decode)
     y = y + dropout(z, deterministic)
     z = RMSNorm(dtype=cfg.dtype, name='pre_mlp_layer_norm')(y)
-    return y + dropout(mlp(cfg)(z, deterministic), deterministic)
+    return y + dropout(mlp(cfg)(z, deterministic, decode), deterministic)
 
 
 class Encoder(nn.Module):
@@ -196,6 +197,8 @@ class Decoder(nn.Module):
       return jnp.einsum('bte,ve->btv', y.astype(jnp.float32), embedding) / jnp.sqrt(y.shape[-1])
     # float32 logits for stability, as T5X.
     kernel = Kernel((cfg.emb_dim, cfg.vocab_size), (axes.EMBED, axes.VOCAB), name='logits_dense')()
+    if cache_ready and cfg.cpu_decode_kernels and y.shape[1] == 1:
+      return step_dense(y.astype(jnp.float32), kernel)
     return jnp.einsum('bte,ev->btv', y.astype(jnp.float32), kernel)
 
 

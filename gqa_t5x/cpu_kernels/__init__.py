@@ -30,6 +30,7 @@ Array = jax.Array
 
 SOURCE = 'decode_step.cc'
 CROSS_ATTENTION_TARGET = 'gqa_t5x_cross_attention'
+MATMUL_TARGET = 'gqa_t5x_matmul'
 _FLAGS = ('-O3', '-march=native', '-shared', '-fPIC', '-std=c++17')
 _DISABLE_ENV = 'GQA_T5X_CPU_KERNELS'  # '0' turns the kernel off process-wide
 
@@ -98,6 +99,7 @@ def available() -> bool:
                               jax.ffi.pycapsule(library.GqaCrossAttention), platform='cpu')
   # Its operands all lead with the batch: a batch-sharded step runs it per shard.
   jax.ffi.register_ffi_target_as_batch_partitionable(CROSS_ATTENTION_TARGET)
+  jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(library.GqaMatmul), platform='cpu')
   return True
 
 
@@ -122,3 +124,11 @@ def cross_attention(query: Array, keys: Array, values: Array, bias: Array) -> Ar
                        'call it through on_cpu to fall back to XLA\'s ops')
   return jax.ffi.ffi_call(CROSS_ATTENTION_TARGET, jax.ShapeDtypeStruct(query.shape, query.dtype),
                           vmap_method='sequential')(query, keys, values, bias)
+
+
+def matmul(x: Array, w: Array) -> Array:
+  """The kernel (CPU only, float32): x [m, k] @ w [k, n] for a few rows m."""
+  if not available():
+    raise RuntimeError('the gqa_t5x CPU decode kernel could not be built')
+  return jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype),
+                          vmap_method='sequential')(x, w)

@@ -273,6 +273,109 @@ ffi::Error CrossAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
+
+// ---- out [M, N] = x [M, K] . w [K, N] for the few rows M of a decode step ----------------------
+//
+// A decode step's projections and logits multiply a few rows (the batch) by a weight read once:
+// memory-bound, and XLA:CPU's GEMMs run them at a third of the read bandwidth (they pack the
+// weight for reuse that a few rows do not have). Here each task owns a strip of columns and
+// streams the weight's rows through it in address order, each row's strip prefetched a few rows
+// ahead; the strip's [M, width] sums stay in L1, and each 4 x 4 block of broadcast x values meets
+// four weight vectors at once, so a loaded weight float does M multiply-adds from registers.
+
+static int64_t EnvInt(const char* name, int64_t d) { const char* v = std::getenv(name); return v ? std::atoll(v) : d; }
+static const int64_t kStripAccumulators = EnvInt("MM_ACC", 4096);
+static const int64_t kStripMaxWidth = EnvInt("MM_MAXW", 1024);
+static const int64_t kWeightRowsAhead = EnvInt("MM_AHEAD", 16);
+static const int kPfLevel = EnvInt("MM_PFL", 3);
+static const int64_t kStripRows = EnvInt("MM_ROWS", 16);
+
+// acc [m0:m0+MB, 0:nv*16] += x [m0:m0+MB, k0:k0+KB] . w [k0:k0+KB, strip]
+template <int MB, int KB>
+inline void StripBlock(const float* x, int64_t K, const float* w, int64_t N, float* acc,
+                       int64_t ld, int64_t nv, int64_t m0, int64_t k0, const float* ahead) {
+  Vec xb[MB][KB];
+  for (int i = 0; i < MB; ++i) {
+    for (int j = 0; j < KB; ++j) xb[i][j] = Splat(x[(m0 + i) * K + k0 + j]);
+  }
+  for (int64_t c = 0; c < nv; ++c) {
+    Vec wv[KB];
+    for (int j = 0; j < KB; ++j) wv[j] = Load(w + (k0 + j) * N + c * kLanes);
+    if (ahead != nullptr) {
+      if (kPfLevel == 3) { for (int j = 0; j < KB; ++j) __builtin_prefetch(ahead + j * N + c * kLanes, 0, 3); }
+      else if (kPfLevel == 2) { for (int j = 0; j < KB; ++j) __builtin_prefetch(ahead + j * N + c * kLanes, 0, 2); }
+      else { for (int j = 0; j < KB; ++j) __builtin_prefetch(ahead + j * N + c * kLanes, 0, 1); }
+    }
+    for (int i = 0; i < MB; ++i) {
+      Vec a = Load(acc + (m0 + i) * ld + c * kLanes);
+      for (int j = 0; j < KB; ++j) a += xb[i][j] * wv[j];
+      Store(acc + (m0 + i) * ld + c * kLanes, a);
+    }
+  }
+}
+
+template <int KB>
+inline void StripRows(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* acc,
+                      int64_t ld, int64_t nv, int64_t k0) {
+  // The first row block reads the weight from memory (the others from L1): it prefetches.
+  const float* ahead = k0 + kWeightRowsAhead + KB <= K ? w + (k0 + kWeightRowsAhead) * N : nullptr;
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4, ahead = nullptr) {
+    StripBlock<4, KB>(x, K, w, N, acc, ld, nv, m, k0, ahead);
+  }
+  for (; m < M; ++m, ahead = nullptr) StripBlock<1, KB>(x, K, w, N, acc, ld, nv, m, k0, ahead);
+}
+
+// out [:, n0:n0 + width] for one strip; width = nv whole vectors and `tail` single columns. Rows
+// of x go kStripRows at a time: the first pass reads the strip from memory, the others from L2.
+void MatmulStrip(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* out,
+                 int64_t n0, int64_t nv, int64_t tail) {
+  const int64_t ld = nv * kLanes;
+  for (int64_t m0 = 0; nv && m0 < M; m0 += kStripRows) {
+    const int64_t rows = std::min(kStripRows, M - m0);
+    float* acc = Scratch(rows * ld);
+    std::memset(acc, 0, rows * ld * sizeof(float));
+    const float* xm = x + m0 * K;
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) StripRows<4>(xm, rows, K, w + n0, N, acc, ld, nv, k);
+    for (; k < K; ++k) StripRows<1>(xm, rows, K, w + n0, N, acc, ld, nv, k);
+    for (int64_t m = 0; m < rows; ++m) {
+      std::memcpy(out + (m0 + m) * N + n0, acc + m * ld, ld * sizeof(float));
+    }
+  }
+  for (int64_t n = n0 + ld; n < n0 + ld + tail; ++n) {
+    for (int64_t m = 0; m < M; ++m) {
+      float total = 0;
+      for (int64_t k = 0; k < K; ++k) total += x[m * K + k] * w[k * N + n];
+      out[m * N + n] = total;
+    }
+  }
+}
+
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) {
+    return ffi::Error::InvalidArgument("gqa_t5x_matmul expects x [M, K] and w [K, N]");
+  }
+  const int64_t M = xd[0], K = xd[1], N = wd[1];
+  // Strips as wide as the accumulators allow (whole vectors, at most a 4 KiB run of a row), then
+  // narrowed until every thread has one; the last strip takes the columns left over.
+  int64_t width = std::clamp<int64_t>(kStripAccumulators / std::clamp<int64_t>(M, 1, kStripRows) / kLanes *
+                                      kLanes, kLanes, kStripMaxWidth);
+  while (width > kLanes && N / width < pool.num_threads()) width /= 2;
+  width = std::max<int64_t>(width / kLanes * kLanes, kLanes);
+  const int64_t strips = std::max<int64_t>(N / width, 1);
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* op = out->typed_data();
+  ParallelFor(pool, strips, [&](int64_t t) {
+    const int64_t n0 = t * width, n1 = t + 1 == strips ? N : n0 + width;
+    MatmulStrip(xp, M, K, wp, N, op, n0, (n1 - n0) / kLanes, (n1 - n0) % kLanes);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaCrossAttention, CrossAttentionImpl,
@@ -280,6 +383,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaCrossAttention, CrossAttentionImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaMatmul, MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
