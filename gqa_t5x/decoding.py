@@ -20,6 +20,19 @@ def init_cache(model: Transformer, params, encoder_input_tokens: Array, max_deco
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+def first_argmax(logits: Array) -> Array:
+  """jnp.argmax over the last axis (the first maximum, or the first NaN where there is one),
+  computed as a max and a min.
+
+  Why: XLA:CPU runs argmax's paired (value, index) reduction slowly; over T5's 32128-token
+  vocabulary for 16 rows it took 1.1 ms against 0.7 for this, a few percent of a decode step.
+  """
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  hit = (logits == top) | jnp.isnan(logits)
+  index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'max_decode_length', 'eos_id'))
 def greedy_decode(model: Transformer, params, encoder_input_tokens: Array, max_decode_length: int,
                   eos_id: int = 1) -> Array:
@@ -39,7 +52,7 @@ def greedy_decode(model: Transformer, params, encoder_input_tokens: Array, max_d
         {'params': params, 'cache': cache}, encoded, encoder_input_tokens, token, token,
         enable_dropout=False, decode=True, max_decode_length=max_decode_length,
         mutable=['cache'], method=Transformer.decode)
-    next_token = jnp.where(done, 0, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32))
+    next_token = jnp.where(done, 0, first_argmax(logits[:, -1]))
     outputs = outputs.at[:, i].set(next_token)
     done = done | (next_token == eos_id)
     return i + 1, variables['cache'], next_token[:, None], outputs, done

@@ -19,6 +19,8 @@ DType = Any
 Initializer = Callable[..., Array]
 
 default_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+# step_dense's kernel was no slower than XLA's GEMM up to 128 rows (the logits, 2 CPU cores).
+STEP_KERNEL_MAX_ROWS = 128
 
 
 class Kernel(nn.Module):
@@ -42,11 +44,11 @@ def step_dense(x: Array, w: Array) -> Array:
 
   Why: a decode step multiplies a few rows (the batch) by each weight, which it reads once; that
   is memory-bound, and XLA:CPU's GEMMs run it at a third to a half of the read bandwidth. On CPU
-  this runs gqa_t5x.cpu_kernels.matmul, which streams the weight once; elsewhere a plain matmul.
+  this runs gqa_t5x.cpu_kernels.matmul, which streams the weight once (up to
+  STEP_KERNEL_MAX_ROWS rows); elsewhere a plain matmul.
   """
   rows = x.reshape(-1, x.shape[-1])
-  import os
-  if os.environ.get('EXP_MM', '1') == '0':
+  if rows.shape[0] > STEP_KERNEL_MAX_ROWS:
     return jnp.matmul(rows, w).reshape(*x.shape[:-1], w.shape[-1])
   out = cpu_kernels.on_cpu(cpu_kernels.matmul, jnp.matmul, rows, w)
   return out.reshape(*x.shape[:-1], w.shape[-1])

@@ -42,8 +42,8 @@ class T5Config:
   num_decoder_cross_kv_heads: int | None = None
   num_relpos_buckets: int = 32
   relpos_max_distance: int = 128
-  # Cached decode steps on CPU attend over the cross-attention cache with gqa_t5x.cpu_kernels
-  # (float32); False keeps XLA's ops. Both agree to float32 rounding.
+  # Cached float32 decode steps on CPU run their cross-attention, projections, MLP and logits
+  # with gqa_t5x.cpu_kernels; False keeps XLA's ops. Both agree to float32 rounding.
   cpu_decode_kernels: bool = True
 
   def __post_init__(self):

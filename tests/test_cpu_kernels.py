@@ -1,5 +1,5 @@
-"""The CPU decode kernel (gqa_t5x/cpu_kernels) against float64 numpy, and the decode it speeds up
-against the same decode on XLA's einsums."""
+"""The CPU decode kernels (gqa_t5x/cpu_kernels) against float64 numpy, and the decode they speed
+up against the same decode on XLA's einsums."""
 import dataclasses
 import os
 import subprocess
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gqa_t5x import cpu_kernels
-from gqa_t5x.decoding import greedy_decode
+from gqa_t5x.decoding import first_argmax, greedy_decode
 from gqa_t5x.network import T5Config, Transformer
 from tests import reference
 
@@ -50,6 +50,36 @@ def test_kernel_matches_float64_softmax_attention(b, k, g, d, s):
                              atol=2e-6)
 
 
+# Rows below, at and past the 4-row tiles and 16-row passes; weight rows past whole 4-row tiles and
+# 32-row blocks; columns in one strip or several, with a last strip that is wider and has a tail
+# past whole vectors, or narrower than one vector.
+@pytest.mark.parametrize('m, k, n', [
+    (16, 512, 1024),  # a decode step's shape: whole tiles, strips and blocks
+    (1, 70, 1030),    # one row; several strips, the last with a 6-column tail
+    (17, 33, 300),    # a 16-row pass and a 1-row pass
+    (40, 5, 16),      # three passes; one vector of columns
+    (3, 1, 7),        # a single weight row, fewer columns than a vector
+])
+def test_matmul_matches_float64(m, k, n):
+  rng = np.random.default_rng(m * n + k)
+  x = rng.normal(size=(m, k)).astype(np.float32)
+  w = rng.normal(size=(k, n)).astype(np.float32)
+  got = jax.jit(cpu_kernels.matmul)(x, w)
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_first_argmax_is_numpy_argmax_with_ties_infinities_and_nans():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 50)).astype(np.float32)
+  logits[0, [3, 9]] = 10.0  # a tie: the first wins
+  logits[1, [7, 20]] = np.nan  # the first NaN, as numpy's argmax
+  logits[2, 30] = np.inf
+  logits[3] = -np.inf  # all equal: index 0
+  logits[4, 49] = 10.0  # the last position
+  np.testing.assert_array_equal(jax.jit(first_argmax)(logits), np.argmax(logits, axis=-1))
+
+
 def test_masked_keys_weigh_nothing_and_a_fully_masked_row_averages_all():
   rng = np.random.default_rng(0)
   b, k, g, d, s = 2, 1, 2, 4, 40
@@ -79,22 +109,29 @@ def _decode_setup(kernels: bool, kv_heads: int):
 
 
 @pytest.mark.parametrize('kv_heads', [8, 1])
-def test_greedy_decode_with_the_kernel_equals_decode_on_einsums(kv_heads):
+def test_greedy_decode_with_the_kernels_equals_decode_on_einsums(kv_heads):
   model, params, tokens = _decode_setup(True, kv_heads)
   reference_model = Transformer(dataclasses.replace(model.config, cpu_decode_kernels=False))
   compiled = greedy_decode.lower(model, params, tokens, max_decode_length=9).compile()
-  assert cpu_kernels.CROSS_ATTENTION_TARGET in compiled.as_text()  # the kernel path is taken
   reference_compiled = greedy_decode.lower(reference_model, params, tokens,
                                            max_decode_length=9).compile()
-  assert cpu_kernels.CROSS_ATTENTION_TARGET not in reference_compiled.as_text()
+  # The kernel paths are taken: one cross-attention per decoder layer; per layer the query, key,
+  # value and out projections of the self-attention, the query and out projections of the
+  # cross-attention, the MLP's three kernels, and the logits once: counted in the loop's steps.
+  text = compiled.as_text()
+  assert text.count(f'custom_call_target="{cpu_kernels.CROSS_ATTENTION_TARGET}"') >= 2
+  assert text.count(f'custom_call_target="{cpu_kernels.MATMUL_TARGET}"') >= 2 * 9 + 1
+  assert 'custom_call_target="gqa_t5x' not in reference_compiled.as_text()
   np.testing.assert_array_equal(compiled(params, tokens), reference_compiled(params, tokens))
 
 
-def test_bfloat16_decode_keeps_the_einsums():
+def test_bfloat16_decode_keeps_the_einsums_but_for_the_float32_logits():
   model, params, tokens = _decode_setup(True, 2)
   bf16 = Transformer(dataclasses.replace(model.config, dtype=jnp.bfloat16))
-  compiled = greedy_decode.lower(bf16, params, tokens, max_decode_length=5).compile()
-  assert cpu_kernels.CROSS_ATTENTION_TARGET not in compiled.as_text()
+  text = greedy_decode.lower(bf16, params, tokens, max_decode_length=5).compile().as_text()
+  assert cpu_kernels.CROSS_ATTENTION_TARGET not in text
+  calls = [line for line in text.splitlines() if cpu_kernels.MATMUL_TARGET in line]
+  assert calls and all('f32[32,67]' in line for line in calls)  # only the [emb, vocab] logits
 
 
 def test_decode_step_logits_with_the_kernel_equal_the_einsums():

@@ -1,16 +1,18 @@
-"""An XLA:CPU kernel for a cached decode step's cross-attention, compiled for this CPU.
+"""XLA:CPU kernels for a cached decode step, compiled for this CPU.
 
-Why: a decode step at serving batch sizes is memory-bound, and its largest read is the
-cross-attention cache (2 G d s floats per sample). XLA:CPU's libraries (YNNPACK, Eigen) run its
-grouped products ([H/G, d] x [d, s] per batch and kv head) at a third of the read bandwidth
-(docs/benchmarks.md), which kept GQA's measured speed-up at half of what its bytes allow.
-decode_step.cc computes scores, softmax and the value mix per (batch, kv head) in one pass that
-streams keys and values once, on all cores (XLA's intra-op thread pool).
+Why: a decode step at serving batch sizes is memory-bound: it reads the cross-attention cache
+(2 G d s floats per sample) and every weight once. XLA:CPU's libraries (YNNPACK, Eigen) run the
+cache's grouped products ([H/G, d] x [d, s] per batch and kv head) at a third of the read
+bandwidth, and the weights' few-row products at a third to a half (docs/benchmarks.md), which
+kept GQA's measured speed-up at half of what its bytes allow. decode_step.cc has two kernels,
+each streaming its large operand once on all cores (XLA's intra-op thread pool):
+- cross_attention: scores, softmax and the value mix per (batch, kv head) in one pass;
+- matmul: x [m, k] @ w [k, n] for a few rows m, the weight read in column strips.
 
-`gqa_t5x.attention.cached_cross_attention` calls it through `on_cpu`, which keeps XLA's einsums
-on other platforms and wherever the kernel cannot be built. The library is compiled with the
-system C++ compiler on first use and kept in a cache keyed by source, jaxlib and CPU; without a
-compiler a warning says why, once, and the einsums run.
+`gqa_t5x.attention.cached_cross_attention` and `gqa_t5x.layers.step_dense` call them through
+`on_cpu`, which keeps XLA's ops on other platforms and wherever the kernels cannot be built. The
+library is compiled with the system C++ compiler on first use and kept in a cache keyed by
+source, jaxlib and CPU; without a compiler a warning says why, once, and XLA's ops run.
 """
 import ctypes
 import functools
@@ -99,6 +101,8 @@ def available() -> bool:
                               jax.ffi.pycapsule(library.GqaCrossAttention), platform='cpu')
   # Its operands all lead with the batch: a batch-sharded step runs it per shard.
   jax.ffi.register_ffi_target_as_batch_partitionable(CROSS_ATTENTION_TARGET)
+  # No batch dimension is shared by x and the weight: on a sharded mesh XLA gathers x and runs
+  # the product once per device (decode steps are small; a CPU mesh is slower than one device).
   jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(library.GqaMatmul), platform='cpu')
   return True
 
@@ -112,6 +116,12 @@ def on_cpu(kernel, otherwise, *args):
   return jax.lax.platform_dependent(*args, cpu=kernel, default=otherwise)
 
 
+def _require() -> None:
+  if not available():
+    raise RuntimeError('the gqa_t5x CPU decode kernels could not be built (see the warning above); '
+                       'call them through on_cpu to fall back to XLA\'s ops')
+
+
 def cross_attention(query: Array, keys: Array, values: Array, bias: Array) -> Array:
   """The kernel (CPU only, float32, through on_cpu): one query position of grouped attention over
   a cache, softmax(query . keys + bias) . values.
@@ -119,16 +129,14 @@ def cross_attention(query: Array, keys: Array, values: Array, bias: Array) -> Ar
   query [b, k, g, d]; keys, values [b, k, d, s] (the cache layout); bias [b, s]. Returns
   [b, k, g, d].
   """
-  if not available():
-    raise RuntimeError('the gqa_t5x CPU decode kernel could not be built (see the warning above); '
-                       'call it through on_cpu to fall back to XLA\'s ops')
+  _require()
   return jax.ffi.ffi_call(CROSS_ATTENTION_TARGET, jax.ShapeDtypeStruct(query.shape, query.dtype),
                           vmap_method='sequential')(query, keys, values, bias)
 
 
 def matmul(x: Array, w: Array) -> Array:
-  """The kernel (CPU only, float32): x [m, k] @ w [k, n] for a few rows m."""
-  if not available():
-    raise RuntimeError('the gqa_t5x CPU decode kernel could not be built')
+  """The kernel (CPU only, float32, through on_cpu): x [m, k] @ w [k, n] for the few rows m of a
+  decode step."""
+  _require()
   return jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype),
                           vmap_method='sequential')(x, w)

@@ -1,10 +1,11 @@
-// An XLA:CPU kernel (XLA FFI handler) for the largest read of a cached decode step: one query
-// position of grouped-query attention over the whole cross-attention cache.
+// XLA:CPU kernels (XLA FFI handlers) for the reads of a cached decode step: one query position of
+// grouped-query attention over the whole cross-attention cache, and the few-row products of the
+// step's projections, MLP and logits.
 //
-// A decode step at serving batch sizes should read the cache once, at the machine's read
-// bandwidth. The kernel streams each (batch, kv head)'s keys and then values once, in an order the
-// hardware prefetchers can follow, while a register tile does the g = H/G multiply-adds each loaded
-// float allows; the (batch, kv head) items are shared out over XLA's intra-op thread pool.
+// A decode step at serving batch sizes should read the cache and the weights once, at the
+// machine's read bandwidth. Both kernels stream their large operand once, in an order the
+// hardware prefetchers can follow (or prefetched ahead), while register tiles do the multiply-adds
+// each loaded float allows; the work is shared out over XLA's intra-op thread pool.
 //
 // Built by gqa_t5x/cpu_kernels/__init__.py with -march=native for the machine it runs on. Vectors
 // are GCC/Clang vector extensions of 16 floats: AVX-512 registers where the CPU has them, pairs of
@@ -29,7 +30,8 @@ typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 inline Vec Load(const float* p) { Vec v; std::memcpy(&v, p, sizeof(v)); return v; }
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
-inline Vec Splat(float x) { return Vec{} + x; }
+// x - 0 is x for every float (0 + x is not, for x = -0), so this compiles to one broadcast.
+inline Vec Splat(float x) { return x - Vec{}; }
 inline float Sum(Vec v) { float s = 0; for (int i = 0; i < kLanes; ++i) s += v[i]; return s; }
 inline float Max(Vec v) {
   float m = v[0];
@@ -277,68 +279,81 @@ ffi::Error CrossAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 // ---- out [M, N] = x [M, K] . w [K, N] for the few rows M of a decode step ----------------------
 //
 // A decode step's projections and logits multiply a few rows (the batch) by a weight read once:
-// memory-bound, and XLA:CPU's GEMMs run them at a third of the read bandwidth (they pack the
-// weight for reuse that a few rows do not have). Here each task owns a strip of columns and
-// streams the weight's rows through it in address order, each row's strip prefetched a few rows
-// ahead; the strip's [M, width] sums stay in L1, and each 4 x 4 block of broadcast x values meets
-// four weight vectors at once, so a loaded weight float does M multiply-adds from registers.
+// memory-bound, and XLA:CPU's GEMMs run them at a third to a half of the read bandwidth (they pack
+// the weight for a reuse that a few rows do not have). Here each task owns a strip of columns and
+// streams the weight's rows through it in blocks, prefetching the next block while it works; the
+// strip's [M, width] sums stay in L1, and 4 x 4 register tiles (4 rows of x, 4 vectors of
+// columns) do the M multiply-adds each loaded weight float allows.
 
-static int64_t EnvInt(const char* name, int64_t d) { const char* v = std::getenv(name); return v ? std::atoll(v) : d; }
-static const int64_t kStripAccumulators = EnvInt("MM_ACC", 4096);
-static const int64_t kStripMaxWidth = EnvInt("MM_MAXW", 1024);
-static const int64_t kWeightRowsAhead = EnvInt("MM_AHEAD", 16);
-static const int kPfLevel = EnvInt("MM_PFL", 3);
-static const int64_t kStripRows = EnvInt("MM_ROWS", 16);
+// Measured on a 2-core Xeon: strips of 128 to 512 columns ran alike; 32 weight rows per block
+// beat 8 and 128; reading this pattern alone, prefetching into L2 (prefetcht1) reached 22 GB/s
+// where prefetching into L1 reached 19.5.
+constexpr int64_t kStripAccumulators = 4096;  // floats of sums per strip (16 KiB, in L1)
+constexpr int64_t kStripMaxWidth = 1024;  // columns: at most a 4 KiB run of each weight row
+constexpr int64_t kStripRows = 16;  // rows of x per pass over a strip
+constexpr int64_t kBlockRows = 32;  // weight rows per block (32 KiB of a 256-column strip)
+constexpr int kPrefetchToL2 = 2;  // __builtin_prefetch locality: prefetcht1
 
-// acc [m0:m0+MB, 0:nv*16] += x [m0:m0+MB, k0:k0+KB] . w [k0:k0+KB, strip]
-template <int MB, int KB>
-inline void StripBlock(const float* x, int64_t K, const float* w, int64_t N, float* acc,
-                       int64_t ld, int64_t nv, int64_t m0, int64_t k0, const float* ahead) {
-  Vec xb[MB][KB];
+// acc [m0:m0+MB, c0:c0+CB vectors] += x [m0:m0+MB, k0:k1] . w [k0:k1, strip columns], the MB x CB
+// sums in registers over the whole k block; `ahead`, if set, prefetches the same columns of the
+// weight rows one block further on.
+template <int MB, int CB>
+inline void StripTile(const float* x, int64_t K, const float* w, int64_t N, float* acc,
+                      int64_t ld, int64_t m0, int64_t c0, int64_t k0, int64_t k1, bool first,
+                      int64_t ahead) {
+  Vec sum[MB][CB];
   for (int i = 0; i < MB; ++i) {
-    for (int j = 0; j < KB; ++j) xb[i][j] = Splat(x[(m0 + i) * K + k0 + j]);
+    for (int j = 0; j < CB; ++j) {
+      sum[i][j] = first ? Vec{} : Load(acc + (m0 + i) * ld + (c0 + j) * kLanes);
+    }
   }
-  for (int64_t c = 0; c < nv; ++c) {
-    Vec wv[KB];
-    for (int j = 0; j < KB; ++j) wv[j] = Load(w + (k0 + j) * N + c * kLanes);
-    if (ahead != nullptr) {
-      if (kPfLevel == 3) { for (int j = 0; j < KB; ++j) __builtin_prefetch(ahead + j * N + c * kLanes, 0, 3); }
-      else if (kPfLevel == 2) { for (int j = 0; j < KB; ++j) __builtin_prefetch(ahead + j * N + c * kLanes, 0, 2); }
-      else { for (int j = 0; j < KB; ++j) __builtin_prefetch(ahead + j * N + c * kLanes, 0, 1); }
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* row = w + k * N + c0 * kLanes;
+    Vec wv[CB];
+    for (int j = 0; j < CB; ++j) wv[j] = Load(row + j * kLanes);
+    if (ahead) {
+      for (int j = 0; j < CB; ++j) __builtin_prefetch(row + ahead * N + j * kLanes, 0, kPrefetchToL2);
     }
     for (int i = 0; i < MB; ++i) {
-      Vec a = Load(acc + (m0 + i) * ld + c * kLanes);
-      for (int j = 0; j < KB; ++j) a += xb[i][j] * wv[j];
-      Store(acc + (m0 + i) * ld + c * kLanes, a);
+      const Vec xv = Splat(x[(m0 + i) * K + k]);
+      for (int j = 0; j < CB; ++j) sum[i][j] += xv * wv[j];
     }
+  }
+  for (int i = 0; i < MB; ++i) {
+    for (int j = 0; j < CB; ++j) Store(acc + (m0 + i) * ld + (c0 + j) * kLanes, sum[i][j]);
   }
 }
 
-template <int KB>
-inline void StripRows(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* acc,
-                      int64_t ld, int64_t nv, int64_t k0) {
-  // The first row block reads the weight from memory (the others from L1): it prefetches.
-  const float* ahead = k0 + kWeightRowsAhead + KB <= K ? w + (k0 + kWeightRowsAhead) * N : nullptr;
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4, ahead = nullptr) {
-    StripBlock<4, KB>(x, K, w, N, acc, ld, nv, m, k0, ahead);
-  }
-  for (; m < M; ++m, ahead = nullptr) StripBlock<1, KB>(x, K, w, N, acc, ld, nv, m, k0, ahead);
+template <int MB>
+inline void StripTiles(const float* x, int64_t K, const float* w, int64_t N, float* acc,
+                       int64_t ld, int64_t nv, int64_t m0, int64_t k0, int64_t k1, bool first,
+                       int64_t ahead) {
+  int64_t c = 0;
+  for (; c + 4 <= nv; c += 4) StripTile<MB, 4>(x, K, w, N, acc, ld, m0, c, k0, k1, first, ahead);
+  for (; c < nv; ++c) StripTile<MB, 1>(x, K, w, N, acc, ld, m0, c, k0, k1, first, ahead);
 }
 
 // out [:, n0:n0 + width] for one strip; width = nv whole vectors and `tail` single columns. Rows
-// of x go kStripRows at a time: the first pass reads the strip from memory, the others from L2.
+// of x go kStripRows at a time, and the weight's rows kBlockRows at a time: the first row tile
+// reads a block from memory (prefetching the next), the others from L1.
 void MatmulStrip(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* out,
                  int64_t n0, int64_t nv, int64_t tail) {
   const int64_t ld = nv * kLanes;
   for (int64_t m0 = 0; nv && m0 < M; m0 += kStripRows) {
     const int64_t rows = std::min(kStripRows, M - m0);
     float* acc = Scratch(rows * ld);
-    std::memset(acc, 0, rows * ld * sizeof(float));
     const float* xm = x + m0 * K;
-    int64_t k = 0;
-    for (; k + 4 <= K; k += 4) StripRows<4>(xm, rows, K, w + n0, N, acc, ld, nv, k);
-    for (; k < K; ++k) StripRows<1>(xm, rows, K, w + n0, N, acc, ld, nv, k);
+    for (int64_t k0 = 0; k0 < K; k0 += kBlockRows) {
+      const int64_t k1 = std::min(k0 + kBlockRows, K);
+      int64_t ahead = k1 + kBlockRows <= K ? kBlockRows : 0;
+      int64_t m = 0;
+      for (; m + 4 <= rows; m += 4, ahead = 0) {
+        StripTiles<4>(xm, K, w + n0, N, acc, ld, nv, m, k0, k1, k0 == 0, ahead);
+      }
+      for (; m < rows; ++m, ahead = 0) {
+        StripTiles<1>(xm, K, w + n0, N, acc, ld, nv, m, k0, k1, k0 == 0, ahead);
+      }
+    }
     for (int64_t m = 0; m < rows; ++m) {
       std::memcpy(out + (m0 + m) * N + n0, acc + m * ld, ld * sizeof(float));
     }
