@@ -44,11 +44,11 @@ def step_dense(x: Array, w: Array) -> Array:
 
   Why: a decode step multiplies a few rows (the batch) by each weight, which it reads once; that
   is memory-bound, and XLA:CPU's GEMMs run it at a third to a half of the read bandwidth. On CPU
-  this runs gqa_t5x.cpu_kernels.matmul, which streams the weight once (up to
+  this runs gqa_t5x.cpu_kernels.matmul, which streams the weight once (float32, up to
   STEP_KERNEL_MAX_ROWS rows); elsewhere a plain matmul.
   """
   rows = x.reshape(-1, x.shape[-1])
-  if rows.shape[0] > STEP_KERNEL_MAX_ROWS:
+  if rows.shape[0] > STEP_KERNEL_MAX_ROWS or x.dtype != jnp.float32 or w.dtype != jnp.float32:
     return jnp.matmul(rows, w).reshape(*x.shape[:-1], w.shape[-1])
   out = cpu_kernels.on_cpu(cpu_kernels.matmul, jnp.matmul, rows, w)
   return out.reshape(*x.shape[:-1], w.shape[-1])

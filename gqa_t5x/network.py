@@ -198,7 +198,7 @@ class Decoder(nn.Module):
     # float32 logits for stability, as T5X.
     kernel = Kernel((cfg.emb_dim, cfg.vocab_size), (axes.EMBED, axes.VOCAB), name='logits_dense')()
     if cache_ready and cfg.cpu_decode_kernels and y.shape[1] == 1:
-      return step_dense(y.astype(jnp.float32), kernel)
+      return step_dense(y.astype(jnp.float32), kernel.astype(jnp.float32))
     return jnp.einsum('bte,ev->btv', y.astype(jnp.float32), kernel)
 
 

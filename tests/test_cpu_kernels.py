@@ -134,6 +134,16 @@ def test_bfloat16_decode_keeps_the_einsums_but_for_the_float32_logits():
   assert calls and all('f32[32,67]' in line for line in calls)  # only the [emb, vocab] logits
 
 
+def test_bfloat16_parameters_decode_as_with_the_einsums():
+  # T5X's infer restores parameters as bfloat16 (RestoreCheckpointConfig.dtype) for a float32
+  # model: every kernel is cast to float32 before a decode kernel reads it.
+  model, params, tokens = _decode_setup(True, 2)
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  reference_model = Transformer(dataclasses.replace(model.config, cpu_decode_kernels=False))
+  np.testing.assert_array_equal(greedy_decode(model, params, tokens, max_decode_length=7),
+                                greedy_decode(reference_model, params, tokens, max_decode_length=7))
+
+
 def test_decode_step_logits_with_the_kernel_equal_the_einsums():
   model, params, tokens = _decode_setup(True, 2)
   reference_model = Transformer(dataclasses.replace(model.config, cpu_decode_kernels=False))
