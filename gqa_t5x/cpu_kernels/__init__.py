@@ -34,7 +34,7 @@ SOURCE = 'decode_step.cc'
 CROSS_ATTENTION_TARGET = 'gqa_t5x_cross_attention'
 MATMUL_TARGET = 'gqa_t5x_matmul'
 _FLAGS = ('-O3', '-march=native', '-shared', '-fPIC', '-std=c++17')
-_DISABLE_ENV = 'GQA_T5X_CPU_KERNELS'  # '0' turns the kernel off process-wide
+_DISABLE_ENV = 'GQA_T5X_CPU_KERNELS'  # '0' turns the kernels off process-wide
 
 
 def cache_dir() -> str:
