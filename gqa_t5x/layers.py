@@ -93,7 +93,7 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True, decode: bool = False) -> Array:
     embed = x.shape[-1]
-    step = self.decode_kernels and decode and x.shape[1] == 1 and self.dtype == jnp.float32
+    step = self.decode_kernels and decode and x.shape[1] == 1  # step_dense checks the dtype
     dense = lambda x, w, spec: step_dense(x, w) if step else jnp.einsum(spec, x, w)
     hidden = 1.0
     for i, name in enumerate(self.activations):

@@ -275,7 +275,6 @@ ffi::Error CrossAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
-
 // ---- out [M, N] = x [M, K] . w [K, N] for the few rows M of a decode step ----------------------
 //
 // A decode step's projections and logits multiply a few rows (the batch) by a weight read once:
@@ -312,7 +311,9 @@ inline void StripTile(const float* x, int64_t K, const float* w, int64_t N, floa
     Vec wv[CB];
     for (int j = 0; j < CB; ++j) wv[j] = Load(row + j * kLanes);
     if (ahead) {
-      for (int j = 0; j < CB; ++j) __builtin_prefetch(row + ahead * N + j * kLanes, 0, kPrefetchToL2);
+      for (int j = 0; j < CB; ++j) {
+        __builtin_prefetch(row + ahead * N + j * kLanes, 0, kPrefetchToL2);
+      }
     }
     for (int i = 0; i < MB; ++i) {
       const Vec xv = Splat(x[(m0 + i) * K + k]);
@@ -376,8 +377,9 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t M = xd[0], K = xd[1], N = wd[1];
   // Strips as wide as the accumulators allow (whole vectors, at most a 4 KiB run of a row), then
   // narrowed until every thread has one; the last strip takes the columns left over.
-  int64_t width = std::clamp<int64_t>(kStripAccumulators / std::clamp<int64_t>(M, 1, kStripRows) / kLanes *
-                                      kLanes, kLanes, kStripMaxWidth);
+  const int64_t pass_rows = std::clamp<int64_t>(M, 1, kStripRows);
+  int64_t width = std::clamp<int64_t>(kStripAccumulators / pass_rows / kLanes * kLanes, kLanes,
+                                      kStripMaxWidth);
   while (width > kLanes && N / width < pool.num_threads()) width /= 2;
   width = std::max<int64_t>(width / kLanes * kLanes, kLanes);
   const int64_t strips = std::max<int64_t>(N / width, 1);
