@@ -16,21 +16,23 @@ from flax import serialization
 _CHUNK_BYTES = 64 * 1024 * 1024  # t5x.checkpoints._DESIRED_CHUNK_SIZE_BYTES
 
 
-def chunk_shape(shape, itemsize) -> list[int]:
+def chunk_shape(shape, itemsize, chunk_bytes=_CHUNK_BYTES) -> list[int]:
   """T5X's _choose_chunk_shape: greedily shrink the largest dim to a smaller divisor."""
   factors = [[d for d in range(1, n + 1) if n % d == 0] for n in shape]
-  while np.prod([f[-1] for f in factors]) * itemsize > _CHUNK_BYTES:
+  while np.prod([f[-1] for f in factors]) * itemsize > chunk_bytes:
     max(factors, key=lambda f: f[-1]).pop()
   return [f[-1] for f in factors]
 
 
 def write_legacy_checkpoint(directory: str, params: Iterable[tuple[str, np.ndarray]],
                             step: int, inline: Iterable[str] = (),
-                            slots: Optional[dict[str, dict[str, np.ndarray]]] = None) -> None:
+                            slots: Optional[dict[str, dict[str, np.ndarray]]] = None,
+                            chunk_bytes: int = _CHUNK_BYTES) -> None:
   """params: ('encoder/layers_0/attention/key/kernel', array) pairs, written one at a time.
 
   slots: Adafactor slots by parameter name ({'v_row': ..., ...}); without, zeros of T5X's
-  shapes for a factored kernel (2-D) or an unfactored vector."""
+  shapes for a factored kernel (2-D) or an unfactored vector. chunk_bytes: T5X's chunk size
+  limit (64 MiB); tests lower it to have small arrays stored in several chunks."""
   os.makedirs(directory)
   inline, given = set(inline), slots or {}
   target, param_states = {}, {}
@@ -51,7 +53,7 @@ def write_legacy_checkpoint(directory: str, params: Iterable[tuple[str, np.ndarr
     spec = {'driver': 'zarr', 'dtype': array.dtype.name,
             'kvstore': {'driver': 'file', 'path': relative},
             'metadata': {'compressor': {'id': 'gzip'}, 'shape': list(array.shape),
-                         'chunks': chunk_shape(array.shape, array.dtype.itemsize)}}
+                         'chunks': chunk_shape(array.shape, array.dtype.itemsize, chunk_bytes)}}
     absolute = {**spec, 'kvstore': {'driver': 'file', 'path': os.path.join(directory, relative)}}
     ts.open(absolute, create=True, open=True).result().write(array).result()
     node[leaf] = ts.Spec(spec).to_json()

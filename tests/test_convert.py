@@ -21,10 +21,12 @@ from absl import flags
 from flax import traverse_util
 
 from gqa_t5x import convert
+from gqa_t5x.checkpoints import orbax_format
+from gqa_t5x.checkpoints.base import CheckpointError, LazyTensor
 from gqa_t5x.checkpoints.orbax_format import _ByteBudget
 from gqa_t5x.decoding import greedy_decode, init_cache
 from gqa_t5x.network import T5Config, Transformer
-from tests.t5x_layout import write_legacy_checkpoint
+from tests.t5x_layout import chunk_shape as t5x_chunk_shape, write_legacy_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 E, H, D = 6, 4, 2  # hand-made checkpoint: embed, heads, head dim
@@ -165,6 +167,36 @@ def test_g_equal_h_is_bit_identical(tmp_path):
   assert converted.keys() == params.keys()
   for name, value in params.items():
     assert converted[name].dtype == value.dtype and converted[name].tobytes() == value.tobytes()
+
+
+def test_tensors_stored_in_chunks_are_copied_chunk_by_chunk(tmp_path):
+  """T5X stores arrays over 64 MiB (T5.1.1-Large's embedding) in chunks: the output is chunked
+  alike, so the converter holds one chunk of them at a time; the values are unchanged."""
+  params = handmade_params(vocab=40)
+  source = str(tmp_path / 'in')
+  write_legacy_checkpoint(source, params.items(), step=2, chunk_bytes=200)
+  convert.convert(source, str(tmp_path / 'out'), {'decoder_self': 2}, head_dim=D)
+  converted, _ = read_output(str(tmp_path / 'out'))
+  for name, value in params.items():
+    if 'self_attention/key' in name or 'self_attention/value' in name:
+      if name.startswith('decoder'):
+        np.testing.assert_allclose(converted[name], expected_pool(value, 2, 'mean'), rtol=1e-6)
+        continue
+    np.testing.assert_array_equal(converted[name], value)
+  metadata = ocp.PyTreeCheckpointHandler().metadata(tmp_path / 'out' / 'state').tree['target']
+  for name in ('token_embedder/embedding', 'decoder/logits_dense/kernel'):
+    stored = metadata
+    for key in name.split('/'):
+      stored = stored[key]
+    expected = t5x_chunk_shape(params[name].shape, 4, 200)  # T5X's chunks of the source
+    assert np.prod(expected) < params[name].size
+    assert tuple(stored.storage.chunk_shape) == tuple(expected)
+
+
+def test_a_chunk_read_with_the_wrong_shape_is_refused(tmp_path):
+  bad = LazyTensor.chunked((4, 2), np.float32, (2, 2), lambda region: np.zeros((1, 2), np.float32))
+  with pytest.raises(CheckpointError, match=r'bad .*read float32\[1, 2\], expected float32\[2, 2\]'):
+    orbax_format.write(tmp_path / 'out', {'bad': bad}, np.asarray(0))
 
 
 # --- function preservation: MHA with duplicated kv heads == GQA after mean pooling -------------

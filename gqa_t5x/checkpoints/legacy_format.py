@@ -6,7 +6,6 @@ tensorstore specs (zarr, gzip) whose kvstore path is relative to the checkpoint 
 (e.g. target.decoder.layers_0.self_attention.key.kernel); small leaves are stored inline.
 Every array is opened through tensorstore, so gs:// checkpoints read like local ones.
 """
-import itertools
 import os
 import posixpath
 
@@ -63,21 +62,10 @@ def _tensors(leaves: dict, path: epath.Path, context: ts.Context) -> dict[str, L
 
 
 def _lazy(store: ts.TensorStore) -> LazyTensor:
-  return LazyTensor(tuple(store.shape), store.dtype.numpy_dtype, lambda: _read_by_chunk(store))
-
-
-def _read_by_chunk(store: ts.TensorStore) -> np.ndarray:
-  """Reads into one preallocated array, one stored chunk at a time.
-
-  A plain read decodes every chunk of the array at once and copies the result: about twice the
-  array's size on top of it. Here the extra is one chunk (T5X writes chunks of <= 64 MiB).
-  """
-  array = np.empty(store.shape, store.dtype.numpy_dtype)
-  chunk = store.chunk_layout.read_chunk.shape
-  for corner in itertools.product(*(range(0, n, c) for n, c in zip(store.shape, chunk))):
-    region = tuple(slice(start, start + c) for start, c in zip(corner, chunk))
-    array[region] = store[region].read().result()
-  return array
+  # T5X writes chunks of <= 64 MiB; each region read decodes exactly one of them.
+  return LazyTensor.chunked(store.shape, store.dtype.numpy_dtype,
+                            store.chunk_layout.read_chunk.shape,
+                            lambda region: store[region].read().result())
 
 
 def _is_ts_spec(leaf) -> bool:

@@ -9,6 +9,7 @@ T5X, no custom code.
 """
 import asyncio
 import contextlib
+import dataclasses
 import ctypes
 import os
 from typing import Callable, Collection
@@ -102,9 +103,10 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
   """Saves LazyTensor leaves as a pipeline: read, write, drop, call `on_written`.
 
   Reads (decompression, pooling) of later leaves run in threads while earlier ones are written,
-  so both cores stay busy. The leaves held at once (read and not yet written) add up to at most
-  the largest leaf: many small kernels overlap, the embedding goes alone, and peak memory stays
-  about that of a one-at-a-time save (reading a leaf briefly takes up to twice its size).
+  so both cores stay busy. The bytes held at once (read and not yet written) add up to at most
+  the largest leaf or stored chunk: many small kernels overlap, and a tensor stored in several
+  chunks (the embedding of a T5X legacy checkpoint) is copied one chunk at a time into an array
+  chunked alike, so that peak memory is set by a chunk rather than by the largest tensor.
   """
 
   def __init__(self, on_written: Callable[[str, int], None]):
@@ -121,7 +123,7 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
         self._stream(values, infos, args), name='gqa_t5x_streaming_save')]
 
   async def _stream(self, values, infos, args):
-    budget = _ByteBudget(max((value.nbytes for value in values), default=0))
+    budget = _ByteBudget(max((value.chunk_nbytes for value in values), default=0))
     writes = []
     # Leaves are admitted in order; each holds its bytes from its read until its write is done.
     saves = [asyncio.ensure_future(self._save(value, info, arg, budget, writes))
@@ -138,17 +140,53 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
       raise
 
   async def _save(self, value, info, arg, budget, writes):
-    async with budget.hold(value.nbytes):
-      array = await asyncio.to_thread(value.read)
-      if array.shape != value.shape or array.dtype != value.dtype:
-        raise CheckpointError(f'{info.name}: read {array.dtype}{list(array.shape)}, '
-                              f'expected {value.dtype}{list(value.shape)}')
+    async with budget.hold(value.chunk_nbytes):
+      if value.chunk_nbytes < value.nbytes:
+        # Chunked as stored (Orbax picks the same divisors of the shape as T5X did), then read
+        # and written region by region in _open_and_write.
+        array = _Streamed(value, info.name)
+        arg = dataclasses.replace(arg, chunk_byte_size=value.chunk_nbytes)
+      else:
+        array = _checked(await asyncio.to_thread(value.read), value.shape, value.dtype, info.name)
       writes.append(asyncio.ensure_future(self._background_serialize(
           [array], [info.replace(ts_context=self._context)], [arg])))
       await asyncio.shield(writes[-1])  # a cancel stops the wait here, not the write
-      self._on_written(info.name, array.nbytes)
+      self._on_written(info.name, value.nbytes)
       del array
     _return_freed_memory()
+
+  async def _open_and_write(self, value, tspec, ts_context):
+    if not isinstance(value, _Streamed):
+      return await super()._open_and_write(value, tspec, ts_context)
+    store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+    for region in value.tensor.regions():
+      shape = tuple(r.stop - r.start for r in region)
+      chunk = _checked(await asyncio.to_thread(value.tensor.read_region, region), shape,
+                       value.dtype, f'{value.name} {region}')
+      await store[region].write(chunk, can_reference_source_data_indefinitely=True)
+      del chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class _Streamed:
+  """A chunked tensor handed to Orbax in place of its array: Orbax reads only shape and dtype."""
+  tensor: LazyTensor
+  name: str
+
+  @property
+  def shape(self):
+    return self.tensor.shape
+
+  @property
+  def dtype(self):
+    return self.tensor.dtype
+
+
+def _checked(array: np.ndarray, shape, dtype, name: str) -> np.ndarray:
+  if array.shape != tuple(shape) or array.dtype != dtype:
+    raise CheckpointError(f'{name}: read {array.dtype}{list(array.shape)}, '
+                          f'expected {np.dtype(dtype)}{list(shape)}')
+  return array
 
 
 def map_large_buffers(threshold: int = 1 << 20) -> None:
