@@ -8,7 +8,7 @@ can open, and HuggingFace T5 directories (config.json + safetensors or PyTorch w
 an Orbax checkpoint in T5X's layout (state/ = target/... + state/step, and the source's optimizer
 slots, state/param_states/..., of every parameter left unchanged) plus gqa_conversion.json, and
 for a HuggingFace input the model gin that matches it. Streams the tensors, holding at most the
-largest one's bytes at a time. Exit status 2, with a one-line reason and nothing written, for
+largest one's bytes at a time, or one stored chunk of a tensor T5X wrote in chunks. Exit status 2, with a one-line reason and nothing written, for
 any input or request that cannot be converted.
 """
 import json
