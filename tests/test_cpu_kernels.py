@@ -30,10 +30,12 @@ def test_the_kernel_builds_here():
 
 
 # Shapes that exercise every path of the kernel: g below, at and above its 4- and 8-row tiles,
-# key lengths with and without a tail past whole 16- and 32-float vectors, odd head dims.
+# key lengths with and without a tail past whole 16-float vectors and 48-float tiles, head dims
+# past whole 3-row value tiles.
 @pytest.mark.parametrize('b, k, g, d, s', [
     (2, 4, 1, 64, 2048),  # MHA-like: one query head per kv head
     (3, 2, 8, 16, 96),    # GQA: whole tiles
+    (1, 2, 13, 20, 100),  # 8-, 4- and 1-head tiles; two 48-key tiles and a 4-key tail
     (1, 1, 64, 8, 48),    # MQA: many query heads share one kv head
     (2, 3, 5, 12, 37),    # tails everywhere
     (1, 2, 3, 7, 5),      # fewer keys than one vector

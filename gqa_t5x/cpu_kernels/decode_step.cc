@@ -113,7 +113,9 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
 
 // Access order, measured on a 2-core Xeon (reading 512 KiB [64, 2048] blocks): 8 rows at a time,
 // 128 bytes per row per step and each row prefetched 1 KiB ahead read 30-50% faster than whole
-// rows one or two at a time, or 64 rows at once.
+// rows one or two at a time, or 64 rows at once. Register tiles of 8 query heads x 3 vectors of
+// scores and 8 heads x 3 value rows (24 sums each, from AVX-512's 32 registers) ran the G = 8 and
+// G = 1 steps 10-13% faster than 8 x 2 and 4 x 4 (docs/benchmarks.md).
 constexpr int64_t kScoreRows = 8;  // key rows streamed together
 constexpr int64_t kManyQueries = 16;
 constexpr int64_t kScorePrefetch = 256;  // floats ahead in each key row
@@ -152,6 +154,7 @@ void ScoresColumns(const float* q, const float* keys, const float* bias, float* 
                    int64_t G, int64_t D, int64_t S, int64_t s0, int64_t d0, int64_t d1) {
   int64_t g = 0;
   for (; g + 8 <= G; g += 8) ScoresTile<8, SV>(q, keys, bias, p, ldp, D, S, g, s0, d0, d1);
+  for (; g + 4 <= G; g += 4) ScoresTile<4, SV>(q, keys, bias, p, ldp, D, S, g, s0, d0, d1);
   for (; g < G; ++g) ScoresTile<1, SV>(q, keys, bias, p, ldp, D, S, g, s0, d0, d1);
 }
 
@@ -183,10 +186,9 @@ void MixTile(const float* p, int64_t ldp, const float* values, float* out, int64
   }
 }
 
-template <int GB>
+template <int GB, int DB>
 void MixRows(const float* p, int64_t ldp, const float* values, float* out, int64_t D, int64_t S,
              int64_t s_vec, int64_t g0, const float* inv_sum) {
-  constexpr int DB = GB == 1 ? 8 : 16 / GB;
   int64_t d = 0;
   for (; d + DB <= D; d += DB) MixTile<GB, DB>(p, ldp, values, out, D, S, s_vec, g0, d, inv_sum);
   for (; d < D; ++d) MixTile<GB, 1>(p, ldp, values, out, D, S, s_vec, g0, d, inv_sum);
@@ -205,8 +207,8 @@ void CrossAttentionItem(const float* q, const float* keys, const float* values,
   for (int64_t d0 = 0; d0 < D; d0 += score_rows) {
     const int64_t d1 = std::min(d0 + score_rows, D);
     int64_t s0 = 0;
-    for (; s0 + 2 * kLanes <= S; s0 += 2 * kLanes) {
-      ScoresColumns<2>(q, keys, bias, p, ldp, G, D, S, s0, d0, d1);
+    for (; s0 + 3 * kLanes <= S; s0 += 3 * kLanes) {
+      ScoresColumns<3>(q, keys, bias, p, ldp, G, D, S, s0, d0, d1);
     }
     for (; s0 + kLanes <= S; s0 += kLanes) {
       ScoresColumns<1>(q, keys, bias, p, ldp, G, D, S, s0, d0, d1);
@@ -246,8 +248,9 @@ void CrossAttentionItem(const float* q, const float* keys, const float* values,
     inv_sum[g] = 1.0f / sum;
   }
   int64_t g = 0;
-  for (; g + 4 <= G; g += 4) MixRows<4>(p, ldp, values, out, D, S, s_vec, g, inv_sum);
-  for (; g < G; ++g) MixRows<1>(p, ldp, values, out, D, S, s_vec, g, inv_sum);
+  for (; g + 8 <= G; g += 8) MixRows<8, 3>(p, ldp, values, out, D, S, s_vec, g, inv_sum);
+  for (; g + 4 <= G; g += 4) MixRows<4, 4>(p, ldp, values, out, D, S, s_vec, g, inv_sum);
+  for (; g < G; ++g) MixRows<1, 8>(p, ldp, values, out, D, S, s_vec, g, inv_sum);
 }
 
 ffi::Error CrossAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
