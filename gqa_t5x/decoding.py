@@ -4,6 +4,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from gqa_t5x import cpu_kernels
 from gqa_t5x.network import Transformer
 
 Array = jax.Array
@@ -20,13 +21,21 @@ def init_cache(model: Transformer, params, encoder_input_tokens: Array, max_deco
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def first_argmax(logits: Array) -> Array:
-  """jnp.argmax over the last axis (the first maximum, or the first NaN where there is one),
-  computed as a max and a min.
+def first_argmax(logits: Array, cpu_kernel: bool = False) -> Array:
+  """jnp.argmax over the last axis of [b, n] logits (the first maximum, or the first NaN where
+  there is one), by gqa_t5x.cpu_kernels.argmax where `cpu_kernel` and the CPU allow, else as a
+  max and a min.
 
   Why: XLA:CPU runs argmax's paired (value, index) reduction slowly; over T5's 32128-token
-  vocabulary for 16 rows it took 1.1 ms against 0.7 for this, a few percent of a decode step.
+  vocabulary for 16 rows it took 1.1 ms, the max and the min 0.6 ms, a few percent of a decode
+  step, and the kernel a sixth of that (docs/benchmarks.md).
   """
+  if cpu_kernel and logits.dtype == jnp.float32:
+    return cpu_kernels.on_cpu(cpu_kernels.argmax, _max_then_min_index, logits)
+  return _max_then_min_index(logits)
+
+
+def _max_then_min_index(logits: Array) -> Array:
   top = jnp.max(logits, axis=-1, keepdims=True)
   hit = (logits == top) | jnp.isnan(logits)
   index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
@@ -52,7 +61,7 @@ def greedy_decode(model: Transformer, params, encoder_input_tokens: Array, max_d
         {'params': params, 'cache': cache}, encoded, encoder_input_tokens, token, token,
         enable_dropout=False, decode=True, max_decode_length=max_decode_length,
         mutable=['cache'], method=Transformer.decode)
-    next_token = jnp.where(done, 0, first_argmax(logits[:, -1]))
+    next_token = jnp.where(done, 0, first_argmax(logits[:, -1], model.config.cpu_decode_kernels))
     outputs = outputs.at[:, i].set(next_token)
     done = done | (next_token == eos_id)
     return i + 1, variables['cache'], next_token[:, None], outputs, done

@@ -73,15 +73,22 @@ def test_matmul_matches_float64(m, k, n):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 
-def test_first_argmax_is_numpy_argmax_with_ties_infinities_and_nans():
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(6, 50)).astype(np.float32)
-  logits[0, [3, 9]] = 10.0  # a tie: the first wins
-  logits[1, [7, 20]] = np.nan  # the first NaN, as numpy's argmax
-  logits[2, 30] = np.inf
+# Rows of whole vectors, with a tail past them, and shorter than one vector; the kernel and the
+# max-then-min fallback alike.
+@pytest.mark.parametrize('cpu_kernel', [True, False])
+@pytest.mark.parametrize('n', [64, 50, 7])
+def test_first_argmax_is_numpy_argmax_with_ties_infinities_and_nans(cpu_kernel, n):
+  rng = np.random.default_rng(n)
+  logits = rng.normal(size=(7, n)).astype(np.float32)
+  logits[0, [3, n - 2]] = 10.0  # a tie: the first wins
+  logits[1, [n - 1, 2]] = np.nan  # the first NaN, as numpy's argmax
+  logits[2, n // 2] = np.inf
   logits[3] = -np.inf  # all equal: index 0
-  logits[4, 49] = 10.0  # the last position
-  np.testing.assert_array_equal(jax.jit(first_argmax)(logits), np.argmax(logits, axis=-1))
+  logits[4, n - 1] = 10.0  # the last position
+  logits[5, n - 1] = np.nan  # a NaN in the last position only
+  argmax = jax.jit(lambda x: first_argmax(x, cpu_kernel))
+  assert (cpu_kernels.ARGMAX_TARGET in argmax.lower(logits).compile().as_text()) == cpu_kernel
+  np.testing.assert_array_equal(argmax(logits), np.argmax(logits, axis=-1))
 
 
 def test_masked_keys_weigh_nothing_and_a_fully_masked_row_averages_all():
@@ -121,8 +128,10 @@ def test_greedy_decode_with_the_kernels_equals_decode_on_einsums(kv_heads):
                                            max_decode_length=9).compile()
   # The kernel paths are taken: one cross-attention per decoder layer; per layer the query, key,
   # value and out projections of the self-attention, the query and out projections of the
-  # cross-attention, the MLP's three kernels, and the logits once: counted in the loop's steps.
+  # cross-attention, the MLP's three kernels, and the logits and their argmax once: counted in
+  # the loop's steps.
   text = compiled.as_text()
+  assert text.count(f'custom_call_target="{cpu_kernels.ARGMAX_TARGET}"') >= 1
   assert text.count(f'custom_call_target="{cpu_kernels.CROSS_ATTENTION_TARGET}"') >= 2
   assert text.count(f'custom_call_target="{cpu_kernels.MATMUL_TARGET}"') >= 2 * 9 + 1
   assert 'custom_call_target="gqa_t5x' not in reference_compiled.as_text()

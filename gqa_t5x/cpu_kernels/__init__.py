@@ -7,12 +7,14 @@ bandwidth, and the weights' few-row products at a third to a half (docs/benchmar
 kept GQA's measured speed-up at half of what its bytes allow. decode_step.cc has two kernels,
 each streaming its large operand once on all cores (XLA's intra-op thread pool):
 - cross_attention: scores, softmax and the value mix per (batch, kv head) in one pass;
-- matmul: x [m, k] @ w [k, n] for a few rows m, the weight read in column strips.
+- matmul: x [m, k] @ w [k, n] for a few rows m, the weight read in column strips;
+- argmax: each row's first maximum, for greedy decoding over the vocabulary.
 
-`gqa_t5x.attention.cached_cross_attention` and `gqa_t5x.layers.step_dense` call them through
-`on_cpu`, which keeps XLA's ops on other platforms and wherever the kernels cannot be built. The
-library is compiled with the system C++ compiler on first use and kept in a cache keyed by
-source, jaxlib and CPU; without a compiler a warning says why, once, and XLA's ops run.
+`gqa_t5x.attention.cached_cross_attention`, `gqa_t5x.layers.step_dense` and
+`gqa_t5x.decoding.first_argmax` call them through `on_cpu`, which keeps XLA's ops on other
+platforms and wherever the kernels cannot be built. The library is compiled with the system C++
+compiler on first use and kept in a cache keyed by source, jaxlib and CPU; without a compiler a
+warning says why, once, and XLA's ops run.
 """
 import ctypes
 import functools
@@ -26,6 +28,7 @@ import tempfile
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import jaxlib
 
 Array = jax.Array
@@ -33,6 +36,7 @@ Array = jax.Array
 SOURCE = 'decode_step.cc'
 CROSS_ATTENTION_TARGET = 'gqa_t5x_cross_attention'
 MATMUL_TARGET = 'gqa_t5x_matmul'
+ARGMAX_TARGET = 'gqa_t5x_argmax'
 _FLAGS = ('-O3', '-march=native', '-shared', '-fPIC', '-std=c++17')
 _DISABLE_ENV = 'GQA_T5X_CPU_KERNELS'  # '0' turns the kernels off process-wide
 
@@ -104,6 +108,8 @@ def available() -> bool:
   # No batch dimension is shared by x and the weight: on a sharded mesh XLA gathers x and runs
   # the product once per device (decode steps are small; a CPU mesh is slower than one device).
   jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(library.GqaMatmul), platform='cpu')
+  jax.ffi.register_ffi_target(ARGMAX_TARGET, jax.ffi.pycapsule(library.GqaArgmax), platform='cpu')
+  jax.ffi.register_ffi_target_as_batch_partitionable(ARGMAX_TARGET)  # rows are independent
   return True
 
 
@@ -140,3 +146,11 @@ def matmul(x: Array, w: Array) -> Array:
   _require()
   return jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype),
                           vmap_method='sequential')(x, w)
+
+
+def argmax(x: Array) -> Array:
+  """The kernel (CPU only, float32, through on_cpu): int32 index of each row's first maximum of
+  x [m, n], or of its first NaN where it has one (numpy's argmax)."""
+  _require()
+  return jax.ffi.ffi_call(ARGMAX_TARGET, jax.ShapeDtypeStruct(x.shape[:1], jnp.int32),
+                          vmap_method='sequential')(x)

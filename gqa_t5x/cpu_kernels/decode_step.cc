@@ -1,6 +1,6 @@
 // XLA:CPU kernels (XLA FFI handlers) for the reads of a cached decode step: one query position of
-// grouped-query attention over the whole cross-attention cache, and the few-row products of the
-// step's projections, MLP and logits.
+// grouped-query attention over the whole cross-attention cache, the few-row products of the
+// step's projections, MLP and logits, and greedy decoding's argmax over the logits.
 //
 // A decode step at serving batch sizes should read the cache and the weights once, at the
 // machine's read bandwidth. Both kernels stream their large operand once, in an order the
@@ -12,6 +12,8 @@
 // AVX2 (or four NEON) registers otherwise.
 #include <algorithm>
 #include <atomic>
+#include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -408,6 +410,49 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// ---- The index of each row's first maximum (or first NaN), as numpy's argmax -------------------
+//
+// Greedy decoding's argmax over the vocabulary: XLA:CPU's (value, index) reduction took 1.1 ms
+// for T5's [16, 32128] logits and a max then a min index 0.6 ms; a row is 128 KiB, so a vector
+// max and a second pass over the row, still in L2, for the first position that equals it take
+// a fraction of that.
+int32_t FirstArgmax(const float* row, int64_t n) {
+  const int64_t n_vec = n / kLanes * kLanes;
+  float top = -INFINITY;
+  bool nan = false;
+  if (n_vec) {
+    Vec mv = Load(row), bad = {};
+    for (int64_t i = 0; i < n_vec; i += kLanes) {
+      const Vec x = Load(row + i);
+      mv = x > mv ? x : mv;
+      bad = x != x ? Splat(1.0f) : bad;
+    }
+    top = Max(mv);
+    nan = Max(bad) > 0;
+  }
+  for (int64_t i = n_vec; i < n; ++i) {
+    nan = nan || row[i] != row[i];
+    top = row[i] > top ? row[i] : top;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (nan ? row[i] != row[i] : row[i] == top) return static_cast<int32_t>(i);
+  }
+  return 0;  // every entry -inf: the first, as numpy
+}
+
+ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                      ffi::ResultBuffer<ffi::S32> out) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[1] < 1 || xd[1] > INT32_MAX) {
+    return ffi::Error::InvalidArgument("gqa_t5x_argmax expects x [M, N], 1 <= N < 2^31");
+  }
+  const int64_t N = xd[1];
+  const float* xp = x.typed_data();
+  int32_t* op = out->typed_data();
+  ParallelFor(pool, xd[0], [&](int64_t m) { op[m] = FirstArgmax(xp + m * N, N); });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaCrossAttention, CrossAttentionImpl,
@@ -418,6 +463,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaCrossAttention, CrossAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaArgmax, ArgmaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaMatmul, MatmulImpl,
                               ffi::Ffi::Bind()
