@@ -82,11 +82,19 @@ inline float ExpScalar(float x) {
   return v[0];
 }
 
-// Runs body(i) for every i in [0, n) on the calling thread and the pool's workers, returning when
-// all are done. Items are claimed from a shared counter, so a worker that starts late (the pool
-// busy) finds nothing left and touches nothing but the shared state it co-owns.
+// Below this many multiply-adds (or floats read) in all, a kernel runs on the calling thread
+// alone: waking a pool worker costs about as much as the work it would take over. Measured on 2
+// cores: a toy model's decode (d_model 64, vocabulary 256, batch 2) ran 25-35% faster with it,
+// the reproduction's model (d_model 128, batch 8: 65536 and more per kernel) alike, and a limit
+// of 2^19 made the latter 25% slower.
+constexpr int64_t kInlineWork = int64_t{1} << 16;
+
+// Runs body(i) for every i in [0, n) on the calling thread and, unless `total_work` is under
+// kInlineWork, the pool's workers, returning when all are done. Items are claimed from a shared
+// counter, so a worker that starts late (the pool busy) finds nothing left and touches nothing
+// but the shared state it co-owns.
 template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t total_work, const Body& body) {
   struct State {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
@@ -98,7 +106,8 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
       state->done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  const int64_t helpers =
+      total_work < kInlineWork ? 0 : std::min<int64_t>(pool.num_threads(), n) - 1;
   for (int64_t h = 0; h < helpers; ++h) {
     pool.Schedule([state, n, work]() { if (state->next.load() < n) work(); });
   }
@@ -273,7 +282,7 @@ ffi::Error CrossAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const float* vp = values.typed_data();
   const float* bp = bias.typed_data();
   float* op = out->typed_data();
-  ParallelFor(pool, B * KH, [&](int64_t item) {
+  ParallelFor(pool, B * KH, B * KH * G * D * S, [&](int64_t item) {
     CrossAttentionItem(qp + item * G * D, kp + item * D * S, vp + item * D * S,
                        bp + item / KH * S, op + item * G * D, G, D, S);
   });
@@ -403,7 +412,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* op = out->typed_data();
-  ParallelFor(pool, strips, [&](int64_t t) {
+  ParallelFor(pool, strips, M * K * N, [&](int64_t t) {
     const int64_t n0 = t * width, n1 = t + 1 == strips ? N : n0 + width;
     MatmulStrip(xp, M, K, wp, N, op, n0, (n1 - n0) / kLanes, (n1 - n0) % kLanes);
   });
@@ -449,7 +458,7 @@ ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t N = xd[1];
   const float* xp = x.typed_data();
   int32_t* op = out->typed_data();
-  ParallelFor(pool, xd[0], [&](int64_t m) { op[m] = FirstArgmax(xp + m * N, N); });
+  ParallelFor(pool, xd[0], xd[0] * N, [&](int64_t m) { op[m] = FirstArgmax(xp + m * N, N); });
   return ffi::Error::Success();
 }
 
