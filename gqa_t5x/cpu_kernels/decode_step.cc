@@ -345,21 +345,28 @@ inline void StripTile(const float* x, int64_t K, const float* w, int64_t N, floa
   }
 }
 
-template <int MB>
-inline void StripTiles(const float* x, int64_t K, const float* w, int64_t N, float* acc,
-                       int64_t ld, int64_t nv, int64_t m0, int64_t k0, int64_t k1, bool first,
+// One column tile of a block through every row tile back to back, so that only the first reads
+// its weight rows from memory (prefetching the same columns a block further on) and the others
+// find them in L1.
+template <int CB>
+inline void ColumnTile(const float* x, int64_t K, const float* w, int64_t N, float* acc,
+                       int64_t ld, int64_t rows, int64_t c, int64_t k0, int64_t k1, bool first,
                        int64_t ahead) {
-  constexpr int CB = kTileVectors;
-  int64_t c = 0;
-  for (; c + CB <= nv; c += CB) {
-    StripTile<MB, CB>(x, K, w, N, acc, ld, m0, c, k0, k1, first, ahead);
+  int64_t m = 0;
+  for (; m + kTileRows <= rows; m += kTileRows, ahead = 0) {
+    StripTile<kTileRows, CB>(x, K, w, N, acc, ld, m, c, k0, k1, first, ahead);
   }
-  for (; c < nv; ++c) StripTile<MB, 1>(x, K, w, N, acc, ld, m0, c, k0, k1, first, ahead);
+  for (; m + 4 <= rows; m += 4, ahead = 0) {
+    StripTile<4, CB>(x, K, w, N, acc, ld, m, c, k0, k1, first, ahead);
+  }
+  for (; m < rows; ++m, ahead = 0) {
+    StripTile<1, CB>(x, K, w, N, acc, ld, m, c, k0, k1, first, ahead);
+  }
 }
 
 // out [:, n0:n0 + width] for one strip; width = nv whole vectors and `tail` single columns. Rows
-// of x go kStripRows at a time, and the weight's rows kBlockRows at a time: the first row tile
-// reads a block from memory (prefetching the next), the others from L1 or L2.
+// of x go kStripRows at a time, and the weight's rows kBlockRows at a time, column tile by
+// column tile (ColumnTile).
 void MatmulStrip(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* out,
                  int64_t n0, int64_t nv, int64_t tail) {
   const int64_t ld = nv * kLanes;
@@ -369,17 +376,12 @@ void MatmulStrip(const float* x, int64_t M, int64_t K, const float* w, int64_t N
     const float* xm = x + m0 * K;
     for (int64_t k0 = 0; k0 < K; k0 += kBlockRows) {
       const int64_t k1 = std::min(k0 + kBlockRows, K);
-      int64_t ahead = k1 + kBlockRows <= K ? kBlockRows : 0;
-      int64_t m = 0;
-      for (; m + kTileRows <= rows; m += kTileRows, ahead = 0) {
-        StripTiles<kTileRows>(xm, K, w + n0, N, acc, ld, nv, m, k0, k1, k0 == 0, ahead);
+      const int64_t ahead = k1 + kBlockRows <= K ? kBlockRows : 0;
+      int64_t c = 0;
+      for (; c + kTileVectors <= nv; c += kTileVectors) {
+        ColumnTile<kTileVectors>(xm, K, w + n0, N, acc, ld, rows, c, k0, k1, k0 == 0, ahead);
       }
-      for (; m + 4 <= rows; m += 4, ahead = 0) {
-        StripTiles<4>(xm, K, w + n0, N, acc, ld, nv, m, k0, k1, k0 == 0, ahead);
-      }
-      for (; m < rows; ++m, ahead = 0) {
-        StripTiles<1>(xm, K, w + n0, N, acc, ld, nv, m, k0, k1, k0 == 0, ahead);
-      }
+      for (; c < nv; ++c) ColumnTile<1>(xm, K, w + n0, N, acc, ld, rows, c, k0, k1, k0 == 0, ahead);
     }
     for (int64_t m = 0; m < rows; ++m) {
       std::memcpy(out + (m0 + m) * N + n0, acc + m * ld, ld * sizeof(float));
