@@ -9,8 +9,8 @@ T5X, no custom code.
 """
 import asyncio
 import contextlib
-import dataclasses
 import ctypes
+import dataclasses
 import os
 from typing import Callable, Collection
 
