@@ -37,12 +37,21 @@ def test_the_kernel_builds_here():
     (3, 2, 8, 16, 96),    # GQA: whole tiles
     (1, 2, 13, 20, 100),  # 8-, 4- and 1-head tiles; two 48-key tiles and a 4-key tail
     (1, 1, 64, 8, 48),    # MQA: many query heads share one kv head
+    # 32 or more query heads per kv head (head dim up to 64): the heads along the vectors.
+    (2, 1, 64, 64, 2048),  # T5-XXL's MQA: 6- and 4-row tiles of 4 head vectors, a 2-key tail
+    (1, 2, 48, 20, 100),  # 3 head vectors, 8-row tiles; probabilities in chunks of 64 and 36
+    (1, 1, 80, 9, 70),    # 4 head vectors then 1 (24-row tiles); 4- and 1-row tails
+    (1, 1, 32, 16, 130),  # 2 head vectors, 12-row tiles
+    (1, 1, 16, 64, 50),   # one head vector: the [g, s] layout again
+    (1, 1, 64, 72, 40),   # head dim past 64: the [g, s] layout again
     (2, 3, 5, 12, 37),    # tails everywhere
     (1, 2, 3, 7, 5),      # fewer keys than one vector
 ])
 def test_kernel_matches_float64_softmax_attention(b, k, g, d, s):
   rng = np.random.default_rng(s)
-  q = rng.normal(size=(b, k, g, d)).astype(np.float32)
+  # Scores of unit scale, as T5's depth-scaled query init gives: unscaled, at head dim 64 they
+  # reach +-30 and float32 scores alone are 5e-6 off (in either layout).
+  q = (rng.normal(size=(b, k, g, d)) / np.sqrt(d)).astype(np.float32)
   keys = rng.normal(size=(b, k, d, s)).astype(np.float32)
   values = rng.normal(size=(b, k, d, s)).astype(np.float32)
   bias = np.where(rng.random((b, s)) < 0.3, -1e10, 0.0).astype(np.float32)
@@ -91,9 +100,10 @@ def test_first_argmax_is_numpy_argmax_with_ties_infinities_and_nans(cpu_kernel, 
   np.testing.assert_array_equal(argmax(logits), np.argmax(logits, axis=-1))
 
 
-def test_masked_keys_weigh_nothing_and_a_fully_masked_row_averages_all():
+@pytest.mark.parametrize('g', [2, 32])  # probabilities laid out [g, s], and [s, g]
+def test_masked_keys_weigh_nothing_and_a_fully_masked_row_averages_all(g):
   rng = np.random.default_rng(0)
-  b, k, g, d, s = 2, 1, 2, 4, 40
+  b, k, d, s = 2, 1, 4, 40
   q = rng.normal(size=(b, k, g, d)).astype(np.float32)
   keys = rng.normal(size=(b, k, d, s)).astype(np.float32)
   values = rng.normal(size=(b, k, d, s)).astype(np.float32)

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -205,8 +206,163 @@ void MixRows(const float* p, int64_t ldp, const float* values, float* out, int64
   for (; d < D; ++d) MixTile<GB, 1>(p, ldp, values, out, D, S, s_vec, g0, d, inv_sum);
 }
 
+// ---- The same with the heads along the vectors (32, 48, 64 ... query heads per kv head) -------
+//
+// With many heads sharing each key the scores [g, d] . [d, s] and the mix [g, s] . [s, d] are
+// compute-bound products. Laid out [s, g], with the heads along the vectors, each key and value
+// float is one broadcast against g/16 vectors of heads, the softmax's max and sum run down the
+// columns with no horizontal reductions, and the mix needs no horizontal sums either: it goes a
+// chunk of probability rows at a time, exponentiated and then mixed while they are in L1. Laid
+// out [g, s], the mix streams 8 whole probability rows from L2 for every 3 value rows.
+//
+// Measured on a 2-core Xeon (16 items, keys and values in L3): T5-XXL's MQA step (64 heads of 64
+// per kv head, 2048 keys) 2.6 against 3.6 ms; 32 and 48 heads and head dims of 32 also 20-35%
+// faster. At 16 heads (one vector: load-bound tiles) it was 50% slower and at head dim 128 (q, out
+// and a chunk no longer fit L1 together) no faster, so those keep the [g, s] layout.
+constexpr int64_t kHeadsAlongVectorsMinGroup = 32;
+constexpr int64_t kHeadsAlongVectorsMaxDim = 64;
+constexpr int64_t kMixChunk = 64;  // probability rows [s, g] exponentiated and mixed at a time
+constexpr int64_t kHeadKeyPrefetch = 64;  // floats ahead in each key row
+
+// Register tiles of T rows (keys, or value rows) x V vectors of heads: 24 sums.
+template <int V>
+constexpr int kHeadTileRows = 24 / V;
+
+// pt [s0:s0 + T, heads v0:v0 + V vectors] = bias [s] + keys [:, s] . qt [:, heads], and mx, the
+// heads' running maximum, raised to them.
+template <int T, int V>
+inline void HeadScoresTile(const float* qt, int64_t G, const float* keys, const float* bias,
+                           float* pt, float* mx, int64_t D, int64_t S, int64_t s0, int64_t v0) {
+  Vec acc[T][V];
+  for (int i = 0; i < T; ++i) {
+    const Vec b = Splat(bias[s0 + i]);
+    for (int j = 0; j < V; ++j) acc[i][j] = b;
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    Vec qv[V];
+    for (int j = 0; j < V; ++j) qv[j] = Load(qt + d * G + (v0 + j) * kLanes);
+    const float* row = keys + d * S + s0;
+    if (s0 % kLanes < T) __builtin_prefetch(row + kHeadKeyPrefetch);  // once per cache line
+    for (int i = 0; i < T; ++i) {
+      const Vec kv = Splat(row[i]);
+      for (int j = 0; j < V; ++j) acc[i][j] += kv * qv[j];
+    }
+  }
+  for (int j = 0; j < V; ++j) {
+    float* m = mx + (v0 + j) * kLanes;
+    Vec top = Load(m);
+    for (int i = 0; i < T; ++i) {
+      Store(pt + (s0 + i) * G + (v0 + j) * kLanes, acc[i][j]);
+      top = acc[i][j] > top ? acc[i][j] : top;
+    }
+    Store(m, top);
+  }
+}
+
+// ot [d0:d0 + T, heads v0:v0 + V vectors] (+)= values [d, c0:c1] . pt [c0:c1, heads].
+template <int T, int V>
+inline void HeadMixTile(const float* pt, int64_t G, const float* values, float* ot, int64_t S,
+                        int64_t d0, int64_t v0, int64_t c0, int64_t c1) {
+  Vec acc[T][V];
+  for (int i = 0; i < T; ++i) {
+    for (int j = 0; j < V; ++j) {
+      acc[i][j] = c0 == 0 ? Vec{} : Load(ot + (d0 + i) * G + (v0 + j) * kLanes);
+    }
+  }
+  if (v0 == 0) {  // the next chunk of these value rows, while this one is mixed
+    for (int i = 0; i < T; ++i) {
+      for (int64_t s = c1; s < std::min(c1 + kMixChunk, S); s += kLanes) {
+        __builtin_prefetch(values + (d0 + i) * S + s);
+      }
+    }
+  }
+  for (int64_t s = c0; s < c1; ++s) {
+    Vec pv[V];
+    for (int j = 0; j < V; ++j) pv[j] = Load(pt + s * G + (v0 + j) * kLanes);
+    for (int i = 0; i < T; ++i) {
+      const Vec vv = Splat(values[(d0 + i) * S + s]);
+      for (int j = 0; j < V; ++j) acc[i][j] += vv * pv[j];
+    }
+  }
+  for (int i = 0; i < T; ++i) {
+    for (int j = 0; j < V; ++j) Store(ot + (d0 + i) * G + (v0 + j) * kLanes, acc[i][j]);
+  }
+}
+
+// Every tile of V head vectors from v0: rows n0:n1 in tiles of kHeadTileRows<V>, then 4, then 1.
+template <int V, typename Tile>
+inline void HeadRows(int64_t n0, int64_t n1, const Tile& tile) {
+  constexpr int T = kHeadTileRows<V>;
+  int64_t n = n0;
+  for (; n + T <= n1; n += T) tile(std::integral_constant<int, T>{}, n);
+  if constexpr (T > 4) {
+    for (; n + 4 <= n1; n += 4) tile(std::integral_constant<int, 4>{}, n);
+  }
+  for (; n < n1; ++n) tile(std::integral_constant<int, 1>{}, n);
+}
+
+// Calls body(integral_constant<V>, v0) for head vectors [0, GV) in groups of 4, then 3, 2 or 1.
+template <typename Body>
+inline void HeadVectors(int64_t GV, const Body& body) {
+  int64_t v = 0;
+  for (; v + 4 <= GV; v += 4) body(std::integral_constant<int, 4>{}, v);
+  if (GV - v == 3) body(std::integral_constant<int, 3>{}, v);
+  if (GV - v == 2) body(std::integral_constant<int, 2>{}, v);
+  if (GV - v == 1) body(std::integral_constant<int, 1>{}, v);
+}
+
+void CrossAttentionHeadsAlongVectors(const float* q, const float* keys, const float* values,
+                                     const float* bias, float* out, int64_t G, int64_t D,
+                                     int64_t S) {
+  const int64_t GV = G / kLanes;
+  // Scratch: probabilities pt [S, G], qt [D, G] (q transposed), ot [D, G] (out transposed), the
+  // heads' maxima and sums [G].
+  float* pt = Scratch(S * G + 2 * D * G + 2 * G);
+  float* qt = pt + S * G;
+  float* ot = qt + D * G;
+  float* mx = ot + D * G;
+  float* sum = mx + G;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t d = 0; d < D; ++d) qt[d * G + g] = q[g * D + d];
+    mx[g] = -INFINITY;
+    sum[g] = 0;
+  }
+  HeadVectors(GV, [&](auto v, int64_t v0) {
+    HeadRows<v>(0, S, [&](auto t, int64_t s0) {
+      HeadScoresTile<t, v>(qt, G, keys, bias, pt, mx, D, S, s0, v0);
+    });
+  });
+  for (int64_t c0 = 0; c0 < S; c0 += kMixChunk) {
+    const int64_t c1 = std::min(c0 + kMixChunk, S);
+    for (int64_t v = 0; v < GV; ++v) {
+      const Vec m = Load(mx + v * kLanes);
+      Vec total = Load(sum + v * kLanes);
+      for (int64_t s = c0; s < c1; ++s) {
+        float* e = pt + s * G + v * kLanes;
+        const Vec x = Exp(Load(e) - m);
+        Store(e, x);
+        total += x;
+      }
+      Store(sum + v * kLanes, total);
+    }
+    HeadVectors(GV, [&](auto v, int64_t v0) {
+      HeadRows<v>(0, D, [&](auto t, int64_t d0) {
+        HeadMixTile<t, v>(pt, G, values, ot, S, d0, v0, c0, c1);
+      });
+    });
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const float inv = 1.0f / sum[g];
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = ot[d * G + g] * inv;
+  }
+}
+
 void CrossAttentionItem(const float* q, const float* keys, const float* values,
                         const float* bias, float* out, int64_t G, int64_t D, int64_t S) {
+  if (G % kLanes == 0 && G >= kHeadsAlongVectorsMinGroup && D <= kHeadsAlongVectorsMaxDim) {
+    CrossAttentionHeadsAlongVectors(q, keys, values, bias, out, G, D, S);
+    return;
+  }
   // Probability rows padded to whole, aligned vectors: p [g, ldp], then 1 / row sums.
   const int64_t ldp = (S + kLanes - 1) / kLanes * kLanes;
   float* p = Scratch(G * ldp + G);
