@@ -103,15 +103,18 @@ def test_self_attention_cache_holds_g_heads_and_matches_causal_reference(num_kv_
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
-def test_cross_attention_projects_encoder_once_and_reuses_the_cache():
+# The cache fill takes one of two routes by its width k * d (attention._SMALL_CACHE_FILL): 2 x 4
+# columns are projected and then moved, 2 x 40 go as per-sample products straight into the cache.
+@pytest.mark.parametrize('d', [D, 40], ids=['projected-then-moved', 'per-sample-products'])
+def test_cross_attention_projects_encoder_once_and_reuses_the_cache(d):
   x_q, x_kv, _, _ = _inputs(seed=4, b=2, t=1, s=7)
-  layer = GroupedQueryAttention(H, 2, D, cross_attention=True)
+  layer = GroupedQueryAttention(H, 2, d, cross_attention=True)
   params = layer.init(jax.random.PRNGKey(0), x_q, x_kv)['params']
   _, state = layer.apply({'params': params}, x_q, x_kv, decode=True, mutable=['cache'])
   cache = jax.tree.map(jnp.zeros_like, state['cache'])
   first, state = layer.apply({'params': params, 'cache': cache}, x_q, x_kv, decode=True,
                              mutable=['cache'])
-  assert state['cache']['cached_key'].shape == (2, 2, D, 7)
+  assert state['cache']['cached_key'].shape == (2, 2, d, 7)
   # Later steps must not re-project: different (here: zero) encoder inputs give the same result.
   again, _ = layer.apply({'params': params, 'cache': state['cache']}, x_q, jnp.zeros_like(x_kv),
                          decode=True, mutable=['cache'])
@@ -120,13 +123,13 @@ def test_cross_attention_projects_encoder_once_and_reuses_the_cache():
                               decode=True, mutable=['cache'])
   np.testing.assert_allclose(from_cache, first, rtol=1e-6)
   wq, wk, wv, wo = _kernels(params)
-  want = reference.mha(x_q, x_kv, wq, reference.repeat_kv_kernel(wk, H, 2, D),
-                       reference.repeat_kv_kernel(wv, H, 2, D), wo, H, D)
+  want = reference.mha(x_q, x_kv, wq, reference.repeat_kv_kernel(wk, H, 2, d),
+                       reference.repeat_kv_kernel(wv, H, 2, d), wo, H, d)
   np.testing.assert_allclose(first, want, rtol=2e-5, atol=2e-5)
   # The first step fills the cache with the projected encoder output as [b, G, d, s]: column
   # head * d + dim of the kernel, moved by hand.
   for name, kernel in (('cached_key', wk), ('cached_value', wv)):
-    projected = (x_kv @ kernel).reshape(2, 7, 2, D).transpose(0, 2, 3, 1)
+    projected = (x_kv @ kernel).reshape(2, 7, 2, d).transpose(0, 2, 3, 1)
     np.testing.assert_allclose(state['cache'][name], projected, rtol=1e-5, atol=1e-5)
 
 
