@@ -215,10 +215,11 @@ void MixRows(const float* p, int64_t ldp, const float* values, float* out, int64
 // chunk of probability rows at a time, exponentiated and then mixed while they are in L1. Laid
 // out [g, s], the mix streams 8 whole probability rows from L2 for every 3 value rows.
 //
-// Measured on a 2-core Xeon (16 items, keys and values in L3): T5-XXL's MQA step (64 heads of 64
-// per kv head, 2048 keys) 2.6 against 3.6 ms; 32 and 48 heads and head dims of 32 also 20-35%
-// faster. At 16 heads (one vector: load-bound tiles) it was 50% slower and at head dim 128 (q, out
-// and a chunk no longer fit L1 together) no faster, so those keep the [g, s] layout.
+// Measured on a 2-core Xeon (16 items, keys and values in L3): T5-XXL's MQA step (64 query heads
+// of dim 64 on one kv head, 2048 keys) 2.6 against 3.6 ms; 32, 48 and 128 heads and head dim 32
+// also 20-35% faster. At 16 heads (one vector of heads: load-bound tiles) it was 50% slower, and
+// at head dim 128 no faster (presumably as the transposed q and out, 32 KiB each, no longer fit
+// in L1 beside a chunk), so those keep the [g, s] layout.
 constexpr int64_t kHeadsAlongVectorsMinGroup = 32;
 constexpr int64_t kHeadsAlongVectorsMaxDim = 64;
 constexpr int64_t kMixChunk = 64;  // probability rows [s, g] exponentiated and mixed at a time
