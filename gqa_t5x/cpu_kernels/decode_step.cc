@@ -29,7 +29,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef uint32_t UVec __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
 inline Vec Load(const float* p) { Vec v; std::memcpy(&v, p, sizeof(v)); return v; }
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
@@ -48,9 +48,11 @@ inline float Max(Vec v) {
 inline Vec Exp(Vec x) {
   const Vec lowest = Splat(-87.0f);
   const Vec xc = x < lowest ? lowest : x;
-  const Vec t = xc * 1.44269504088896341f;
-  const IVec n = __builtin_convertvector(t + (t < 0 ? Splat(-0.5f) : Splat(0.5f)), IVec);
-  const Vec nf = __builtin_convertvector(n, Vec);
+  // n = round(x / ln2): adding 1.5 * 2^23 rounds to an integer and leaves it in the low mantissa
+  // bits, so 2^n is those bits plus the exponent bias, shifted into the exponent.
+  const Vec shifter = Splat(12582912.0f);
+  const Vec t = xc * 1.44269504088896341f + shifter;
+  const Vec nf = t - shifter;
   const Vec r = xc - nf * 0.693359375f - nf * -2.12194440e-4f;
   Vec p = Splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -59,7 +61,9 @@ inline Vec Exp(Vec x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const IVec bits = (n + 127) << 23;
+  UVec bits;  // unsigned: the shift drops the shifter's own bits
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits = (bits + 127) << 23;
   Vec scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return x < lowest ? Splat(0.0f) : p * scale;
