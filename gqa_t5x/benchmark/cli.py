@@ -55,7 +55,8 @@ _PEER_DEVICE = flags.DEFINE_string('peer_device', '', 'torch device for the peer
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed calls first (compilation).', lower_bound=1)
 _REPS = flags.DEFINE_integer('reps', 5, 'Timed calls; the median is reported.', lower_bound=1)
 _BANDWIDTH_MIB = flags.DEFINE_integer('bandwidth_mib', 1024, 'Buffer for the read-bandwidth '
-                                      'measurement (MiB).', lower_bound=1)
+                                      'measurement (MiB); larger than the last-level cache, or '
+                                      'it measures the cache.', lower_bound=1)
 _MATMUL_N = flags.DEFINE_integer('matmul_n', 2048, 'Side of the square matmul that measures '
                                  'the compute roof (large enough to hide dispatch: 8192 on GPUs).',
                                  lower_bound=64)
