@@ -294,16 +294,17 @@ inline void HeadMixTile(const float* pt, int64_t G, const float* values, float* 
   }
 }
 
-// Every tile of V head vectors from v0: rows n0:n1 in tiles of kHeadTileRows<V>, then 4, then 1.
+// Calls tile(integral_constant<T>, n0) over rows [0, rows) for tiles of V head vectors: T =
+// kHeadTileRows<V> rows at a time, then 4, then 1.
 template <int V, typename Tile>
-inline void HeadRows(int64_t n0, int64_t n1, const Tile& tile) {
+inline void HeadRows(int64_t rows, const Tile& tile) {
   constexpr int T = kHeadTileRows<V>;
-  int64_t n = n0;
-  for (; n + T <= n1; n += T) tile(std::integral_constant<int, T>{}, n);
+  int64_t n = 0;
+  for (; n + T <= rows; n += T) tile(std::integral_constant<int, T>{}, n);
   if constexpr (T > 4) {
-    for (; n + 4 <= n1; n += 4) tile(std::integral_constant<int, 4>{}, n);
+    for (; n + 4 <= rows; n += 4) tile(std::integral_constant<int, 4>{}, n);
   }
-  for (; n < n1; ++n) tile(std::integral_constant<int, 1>{}, n);
+  for (; n < rows; ++n) tile(std::integral_constant<int, 1>{}, n);
 }
 
 // Calls body(integral_constant<V>, v0) for head vectors [0, GV) in groups of 4, then 3, 2 or 1.
@@ -333,7 +334,7 @@ void CrossAttentionHeadsAlongVectors(const float* q, const float* keys, const fl
     sum[g] = 0;
   }
   HeadVectors(GV, [&](auto v, int64_t v0) {
-    HeadRows<v>(0, S, [&](auto t, int64_t s0) {
+    HeadRows<v>(S, [&](auto t, int64_t s0) {
       HeadScoresTile<t, v>(qt, G, keys, bias, pt, mx, D, S, s0, v0);
     });
   });
@@ -351,7 +352,7 @@ void CrossAttentionHeadsAlongVectors(const float* q, const float* keys, const fl
       Store(sum + v * kLanes, total);
     }
     HeadVectors(GV, [&](auto v, int64_t v0) {
-      HeadRows<v>(0, D, [&](auto t, int64_t d0) {
+      HeadRows<v>(D, [&](auto t, int64_t d0) {
         HeadMixTile<t, v>(pt, G, values, ot, S, d0, v0, c0, c1);
       });
     });
