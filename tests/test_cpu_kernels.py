@@ -36,6 +36,7 @@ def test_the_kernel_builds_here():
     (2, 4, 1, 64, 2048),  # MHA-like: one query head per kv head
     (3, 2, 8, 16, 96),    # GQA: whole tiles
     (1, 2, 13, 20, 100),  # 8-, 4- and 1-head tiles; two 48-key tiles and a 4-key tail
+    (1, 2, 8, 20, 1100),  # 8 or more heads: the mix in chunks of 512, 512 and 64 keys, a tail
     (1, 1, 64, 8, 48),    # MQA: many query heads share one kv head
     # 32 or more query heads per kv head (head dim up to 64): the heads along the vectors.
     (2, 1, 64, 64, 2048),  # T5-XXL's MQA: 6- and 4-row tiles of 4 head vectors, a 2-key tail

@@ -125,23 +125,25 @@ def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, reps: int = 5) -> flo
 
   Why: at batch 16 a decode step does ~batch flops per weight it reads; a CPU with few cores
   cannot do that as fast as it reads memory, and then the compute roof, not bandwidth, is the
-  floor.
+  floor. The fastest call counts: a roof is what the machine can do, and a slower call is another
+  job's load on a shared machine, not the machine's limit.
   """
   a = jnp.ones((n, n), dtype)
   product = jax.jit(jnp.matmul)
   timing = time_call(lambda: product(a, a).block_until_ready(), warmup=2, reps=reps)
-  return 2 * n ** 3 / timing.median_s
+  return 2 * n ** 3 / timing.min_s
 
 
 def measure_read_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
   """The default device's read bandwidth in bytes/s: a jitted sum over an `nbytes` float32 buffer.
 
-  A sum reads every byte once and writes nothing, so it is the best a decode step could do.
+  A sum reads every byte once and writes nothing, so it is the best a decode step could do; its
+  fastest call counts, as for measure_matmul_flops.
   """
   buffer = jnp.ones((nbytes // 4,), jnp.float32)
   total = jax.jit(jnp.sum)
   timing = time_call(lambda: total(buffer).block_until_ready(), warmup=2, reps=reps)
-  return buffer.size * 4 / timing.median_s
+  return buffer.size * 4 / timing.min_s
 
 
 def floor_seconds(nbytes: int, bandwidth: float, flops: int = 0,
