@@ -62,15 +62,15 @@ def test_kernel_matches_float64_softmax_attention(b, k, g, d, s):
                              atol=2e-6)
 
 
-# Rows below, at and past the 8- and 4-row tiles and 16-row passes; weight rows past whole 16-row
+# Rows below, at and past the 8- and 4-row tiles and 16-row passes; weight rows past whole 32-row
 # blocks; columns in one strip or several (up to 1024 wide), in whole 3-vector tiles and past
 # them, with a last strip that is wider and has a tail past whole vectors, or narrower than one
 # vector.
 @pytest.mark.parametrize('m, k, n', [
     (16, 512, 1024),  # a decode step's shape: whole row tiles, strips and blocks
-    (1, 70, 1030),    # one row; several strips, the last with a 6-column tail
+    (1, 70, 1030),    # one row; blocks of 32, 32 and 6; strips, the last with a 6-column tail
     (17, 33, 300),    # a 16-row pass (two 8-row tiles) and a 1-row pass
-    (13, 37, 2100),   # 8-, 4- and 1-row tiles; blocks of 16, 16 and 5; 1024-column strips
+    (13, 37, 2100),   # 8-, 4- and 1-row tiles; blocks of 32 and 5; 1024-column strips
     (40, 5, 16),      # three passes; one vector of columns
     (3, 1, 7),        # a single weight row, fewer columns than a vector
 ])
