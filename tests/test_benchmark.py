@@ -82,14 +82,27 @@ def test_prefill_by_hand():
 def test_floor_is_the_slower_of_memory_and_compute():
   assert roofline.floor_seconds(3_000, 1_000.0) == 3.0
   assert roofline.floor_seconds(3_000, 1_000.0, flops=10_000, flops_per_s=1_000.0) == 10.0
-  assert roofline.measure_read_bandwidth(1 << 20, reps=2) > 0
-  assert roofline.measure_matmul_flops(64, reps=2) > 0
+
+
+def test_machine_rates_sample_median_and_fastest():
+  rates = roofline.MachineRates(nbytes=1 << 20, matmul_n=64)
+  assert rates.bandwidths == [] and rates.flop_rates == []  # the warm-up calls are not kept
+  rates.sample(3)
+  rates.sample()
+  assert len(rates.bandwidths) == len(rates.flop_rates) == 4
+  assert rates.sustained() == (np.median(rates.bandwidths), np.median(rates.flop_rates))
+  assert rates.fastest() == (max(rates.bandwidths), max(rates.flop_rates))
+  assert 0 < rates.sustained()[0] <= rates.fastest()[0]
+  rates.clear()
+  assert rates.bandwidths == [] and rates.flop_rates == []
 
 
 def test_time_call_excludes_warmup_and_rejects_zero_warmup():
   calls = []
-  t = timing.time_call(lambda: calls.append(1), warmup=2, reps=3)
-  assert len(calls) == 5 and t.reps == 3 and t.min_s <= t.median_s <= t.max_s
+  t = timing.time_call(lambda: calls.append(1), warmup=2, reps=3,
+                       between=lambda: calls.append(0))
+  # between() runs before each timed call only, never before a warm-up call.
+  assert calls == [1, 1, 0, 1, 0, 1, 0, 1] and t.reps == 3 and t.min_s <= t.median_s <= t.max_s
   with pytest.raises(ValueError, match='warmup and reps must be >= 1'):
     timing.time_call(lambda: None, warmup=0)
 
@@ -97,7 +110,10 @@ def test_time_call_excludes_warmup_and_rejects_zero_warmup():
 def _row(level, g, seconds, implementation='gqa_t5x', floor=None):
   return {'level': level, 'implementation': implementation, 'dtype': 'float32', 'kv_heads': g,
           'time_per_sample_s': seconds, 'floor_per_sample_s': floor, 'spread': 0.1,
-          'bytes_per_step': (1 << 20) * (1 + g // 8), 'roofline_fraction': None if floor is None else floor / seconds,
+          'bytes_per_step': (1 << 20) * (1 + g // 8),
+          'roofline_fraction': None if floor is None else floor / seconds,
+          'fastest_floor_per_sample_s': None if floor is None else floor / 2,
+          'roofline_fraction_at_fastest_rates': None if floor is None else floor / 2 / seconds,
           'kv_cache_bytes_per_sample': 2 << 20, 'peak_bytes': None,
           'read_bandwidth_bytes_per_s': 3e10, 'matmul_flops_per_s': 5e10, 'bound': 'memory'}
 
@@ -108,13 +124,14 @@ def test_summary_ratios_and_rises():
           _row('decode', 16, 16.0, implementation='hf_t5')]
   summary = report.summarize(rows, num_heads=16)
   ours = summary['decode/gqa_t5x/float32']
-  assert ours['worst_times_floor'] == 2.5
+  assert ours['worst_times_floor'] == 2.5 and ours['worst_times_fastest_floor'] == 5.0
   assert ours['worst_rise_as_g_falls'] == 1.25 and ours['never_rises'] is False
   assert ours['speedup_gqa8_over_mha'] == 4.0 and ours['speedup_mqa_over_mha'] == 8.0
   assert ours['floor_speedup_gqa8_over_mha'] == 3 / 2 and ours['floor_speedup_mqa_over_mha'] == 3
   assert summary['peer/float32'] == {'peer_over_our_mha': 2.0, 'peer_over_our_gqa8': 8.0}
   table = report.format_table(rows)
-  assert '| decode | gqa_t5x | float32 | 8 | 2e+03 | 10% | 2.0 | 30.0 | 50 | 1e+03 | memory | 50% | 2.0 | - |' in table
+  assert ('| decode | gqa_t5x | float32 | 8 | 2e+03 | 10% | 2.0 | 30.0 | 50 | 1e+03 | memory | 50% '
+          '| 25% | 2.0 | - |') in table
 
 
 def test_xla_rows_time_each_g_again_without_the_cpu_kernel(tiny_flags):
@@ -177,6 +194,11 @@ def test_tool_runs_on_a_tiny_config(tiny_flags, tmp_path):
                + max(roofline.greedy_decode_bytes(g) / bandwidth,
                      roofline.greedy_decode_flops(g) / flops_per_s))
     assert row['floor_per_sample_s'] == pytest.approx(floor / 2)
+    # 2 samples before the row, one before each of its timed calls, 2 after; the floor from
+    # their medians, a stricter one from the fastest.
+    assert row['rate_samples'] == 2 + 1 + 2
+    assert row['fastest_read_bandwidth_bytes_per_s'] >= bandwidth
+    assert row['fastest_floor_per_sample_s'] <= row['floor_per_sample_s']
     assert row['time_per_sample_s'] == pytest.approx(row['median_s'] / 2)
   assert sorted(os.listdir(out)) == ['decode_benchmark.json', 'decode_benchmark.md',
                                      'decode_benchmark.png']

@@ -107,28 +107,29 @@ def _peer_device(device) -> str:
   return 'cpu'
 
 
-def machine_rates(dtype: str) -> tuple[float, float]:
-  """The read bandwidth (bytes/s) and matmul rate (flop/s) the floors use, measured now."""
-  return (roofline.measure_read_bandwidth(_BANDWIDTH_MIB.value * report.MIB, reps=5),
-          roofline.measure_matmul_flops(_MATMUL_N.value, jnp.dtype(dtype)))
+def _floor(level: str, g: roofline.Geometry, bandwidth: float, flops_per_s: float) -> float:
+  if level == 'attention':
+    return roofline.floor_seconds(roofline.attention_step_bytes(g, g.output_length), bandwidth,
+                                  roofline.attention_step_flops(g, g.output_length), flops_per_s)
+  return roofline.greedy_decode_floor(g, bandwidth, flops_per_s)
 
 
 def measure_row(level: str, implementation: str, g: roofline.Geometry, dtype: str,
-                t: timing.Timing, peak_bytes, bandwidth: float | None,
-                flops_per_s: float) -> dict:
-  """Sets the timing t of one row against its floor (None when the bandwidth is not this
-  device's)."""
+                t: timing.Timing, peak_bytes, rates: roofline.MachineRates,
+                comparable: bool = True) -> dict:
+  """Sets the timing t of one row against its floors from the rates sampled beside it: the
+  sustained (median) rates' and the fastest's. No floor where the row did not run on the device
+  the rates are of (comparable=False)."""
+  bandwidth, flops_per_s = rates.sustained()
   if level == 'attention':
     total_bytes = step_bytes = roofline.attention_step_bytes(g, g.output_length)
     flops = roofline.attention_step_flops(g, g.output_length)
-    floor = (None if bandwidth is None else
-             roofline.floor_seconds(total_bytes, bandwidth, flops, flops_per_s))
   else:
     total_bytes = roofline.greedy_decode_bytes(g)
     step_bytes = total_bytes / g.output_length
     flops = roofline.greedy_decode_flops(g)
-    floor = (None if bandwidth is None else
-             roofline.greedy_decode_floor(g, bandwidth, flops_per_s))
+  floor = _floor(level, g, bandwidth, flops_per_s) if comparable else None
+  fastest = _floor(level, g, *rates.fastest()) if comparable else None
   return {
       'level': level, 'implementation': implementation, 'dtype': dtype, 'kv_heads': g.kv_heads,
       'median_s': t.median_s, 'min_s': t.min_s, 'max_s': t.max_s, 'reps': t.reps,
@@ -136,14 +137,23 @@ def measure_row(level: str, implementation: str, g: roofline.Geometry, dtype: st
       'spread': t.spread, 'time_per_sample_s': t.median_s / g.batch,
       'bytes_per_step': step_bytes, 'flops_per_step': flops / (1 if level == 'attention'
                                                                else g.output_length),
-      'matmul_flops_per_s': flops_per_s,
-      'bound': (None if bandwidth is None else
+      'read_bandwidth_bytes_per_s': bandwidth, 'matmul_flops_per_s': flops_per_s,
+      'fastest_read_bandwidth_bytes_per_s': rates.fastest()[0],
+      'fastest_matmul_flops_per_s': rates.fastest()[1], 'rate_samples': len(rates.bandwidths),
+      'bound': (None if floor is None else
                 'memory' if total_bytes / bandwidth >= flops / flops_per_s else 'compute'),
       'floor_per_sample_s': None if floor is None else floor / g.batch,
       'roofline_fraction': None if floor is None else floor / t.median_s,
+      'fastest_floor_per_sample_s': None if fastest is None else fastest / g.batch,
+      'roofline_fraction_at_fastest_rates': None if fastest is None else fastest / t.median_s,
       'kv_cache_bytes_per_sample': roofline.kv_cache_bytes_per_sample(g),
       'peak_bytes': peak_bytes,
   }
+
+
+def _rates(dtype: str) -> roofline.MachineRates:
+  return roofline.MachineRates(_BANDWIDTH_MIB.value * report.MIB, _MATMUL_N.value,
+                               jnp.dtype(dtype))
 
 
 def _geometry(kv_heads: int, dtype: str) -> roofline.Geometry:
@@ -185,7 +195,9 @@ def benchmark(write_outputs=None) -> dict:
   same_device = {'cpu': 'cpu', 'gpu': 'cuda'}.get(device.platform) == (peer_device or '')[:4]
 
   with jax.default_device(device):
-    bandwidth = roofline.measure_read_bandwidth(_BANDWIDTH_MIB.value * report.MIB)
+    rates = _rates(dtypes[0])
+    rates.sample(3)
+    bandwidth = rates.sustained()[0]
     print(f'{device.platform} ({device.device_kind}): read bandwidth '
           f'{bandwidth / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f}; peer: '
           f'{peer_version}', flush=True)
@@ -213,16 +225,17 @@ def benchmark(write_outputs=None) -> dict:
       else:
         run, peak = decode.build(geometry, _ENCODER_LAYERS.value, jnp.dtype(dtype), _SEED.value,
                                  cpu_kernels=implementation == 'gqa_t5x')
-      comparable = implementation != 'hf_t5' or same_device
-      # The rates are measured on both sides of every row and the faster kept: on a shared
-      # machine they drift with the load, and a slow moment on one side alone would lower the
-      # floor (a row once came out at 111% of one).
-      before = machine_rates(dtype)
-      t = timing.time_call(run, _WARMUP.value, _REPS.value)
-      bandwidth, flops_per_s = map(max, before, machine_rates(dtype))
-      row = measure_row(level, implementation, geometry, dtype, t, peak,
-                        bandwidth if comparable else None, flops_per_s)
-      row['read_bandwidth_bytes_per_s'] = bandwidth
+      # The rates are sampled all through the row (see roofline.MachineRates): rates measured
+      # only before it once put a row at 111% of its floor, a slow moment beside a fast one.
+      if rates.dtype != jnp.dtype(dtype):
+        del rates  # its 1 GiB read buffer, before the next sampler's
+        rates = _rates(dtype)
+      rates.clear()
+      rates.sample(2)
+      t = timing.time_call(run, _WARMUP.value, _REPS.value, between=rates.sample)
+      rates.sample(2)
+      row = measure_row(level, implementation, geometry, dtype, t, peak, rates,
+                        comparable=implementation != 'hf_t5' or same_device)
       row['load_average'] = os.getloadavg()[0]
       del run
       document['rows'].append(row)
@@ -230,7 +243,8 @@ def benchmark(write_outputs=None) -> dict:
       document['machine']['load_average_end'] = os.getloadavg()
       elapsed = time.perf_counter() - start
       fraction = ('' if row['roofline_fraction'] is None
-                  else f", {row['roofline_fraction']:.0%} of floor")
+                  else f", {row['roofline_fraction']:.0%} of floor "
+                       f"({row['roofline_fraction_at_fastest_rates']:.0%} at the fastest rates)")
       print(f'[{i + 1}/{len(plan)}] {level} {implementation} {dtype} G={g}: '
             f"{row['time_per_sample_s'] * 1e3:.3g} ms/sample (spread {row['spread']:.0%})"
             f'{fraction}; {elapsed:.0f} s elapsed, '

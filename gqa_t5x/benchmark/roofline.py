@@ -13,12 +13,13 @@ hundreds of GFLOP, compute-bound on a CPU, so its floor is added to the steps' (
 layers are not counted).
 """
 import dataclasses
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gqa_t5x.benchmark.timing import time_call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,30 +121,56 @@ def greedy_decode_floor(g: Geometry, bandwidth: float, flops_per_s: float) -> fl
           + floor_seconds(greedy_decode_bytes(g), bandwidth, greedy_decode_flops(g), flops_per_s))
 
 
-def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, reps: int = 5) -> float:
-  """The default device's matmul throughput in flop/s: a jitted [n, n] x [n, n] product.
+class MachineRates:
+  """The default device's read bandwidth (bytes/s) and matmul rate (flop/s), sampled.
 
-  Why: at batch 16 a decode step does ~batch flops per weight it reads; a CPU with few cores
-  cannot do that as fast as it reads memory, and then the compute roof, not bandwidth, is the
-  floor. The fastest call counts: a roof is what the machine can do, and a slower call is another
-  job's load on a shared machine, not the machine's limit.
+  Why sampled, and all through a measurement: on a shared machine both drift with the
+  neighbours' load within seconds (on a 2-core EPYC one 1 GiB read took 17.5-40 GB/s from one
+  call to the next). A decode reading for seconds sees their average; a few calls before it see
+  one moment, and the fastest call a burst that no sustained read keeps up. So the benchmark
+  samples before each timed call and after the last: the median is what the machine sustained
+  while the row ran, and the fastest is kept as the strictest floor.
+
+  The read is a jitted sum over `nbytes` of float32: it reads every byte once and writes nothing,
+  the best a decode step could do (larger than the last-level cache, or it measures the cache).
+  The compute roof is a jitted [n, n] x [n, n] product: at batch 16 a decode step does ~batch
+  flops per weight it reads, and a CPU with few cores cannot do that as fast as it reads.
   """
-  a = jnp.ones((n, n), dtype)
-  product = jax.jit(jnp.matmul)
-  timing = time_call(lambda: product(a, a).block_until_ready(), warmup=2, reps=reps)
-  return 2 * n ** 3 / timing.min_s
 
+  def __init__(self, nbytes: int = 1 << 30, matmul_n: int = 2048, dtype=jnp.float32):
+    self.dtype = jnp.dtype(dtype)
+    self._buffer = jnp.ones((nbytes // 4,), jnp.float32)
+    self._matrix = jnp.ones((matmul_n, matmul_n), self.dtype)
+    self._sum, self._product = jax.jit(jnp.sum), jax.jit(jnp.matmul)
+    self._read_bytes, self._flops = self._buffer.size * 4, 2 * matmul_n ** 3
+    for _ in range(2):  # compilation, then a warm call
+      self._seconds(self._sum, self._buffer)
+      self._seconds(self._product, self._matrix, self._matrix)
+    self.bandwidths, self.flop_rates = [], []
 
-def measure_read_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
-  """The default device's read bandwidth in bytes/s: a jitted sum over an `nbytes` float32 buffer.
+  @staticmethod
+  def _seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
 
-  A sum reads every byte once and writes nothing, so it is the best a decode step could do; its
-  fastest call counts, as for measure_matmul_flops.
-  """
-  buffer = jnp.ones((nbytes // 4,), jnp.float32)
-  total = jax.jit(jnp.sum)
-  timing = time_call(lambda: total(buffer).block_until_ready(), warmup=2, reps=reps)
-  return buffer.size * 4 / timing.min_s
+  def sample(self, calls: int = 1) -> None:
+    """Measures both rates `calls` times and keeps every measurement."""
+    for _ in range(calls):
+      self.bandwidths.append(self._read_bytes / self._seconds(self._sum, self._buffer))
+      self.flop_rates.append(
+          self._flops / self._seconds(self._product, self._matrix, self._matrix))
+
+  def clear(self) -> None:
+    self.bandwidths, self.flop_rates = [], []
+
+  def sustained(self) -> tuple[float, float]:
+    """(bandwidth, flop rate): the median of the samples since clear()."""
+    return statistics.median(self.bandwidths), statistics.median(self.flop_rates)
+
+  def fastest(self) -> tuple[float, float]:
+    """(bandwidth, flop rate): the fastest sample of each since clear()."""
+    return max(self.bandwidths), max(self.flop_rates)
 
 
 def floor_seconds(nbytes: int, bandwidth: float, flops: int = 0,

@@ -19,10 +19,11 @@ class Timing:
     return (self.max_s - self.min_s) / self.median_s
 
 
-def time_call(fn, warmup: int = 1, reps: int = 5) -> Timing:
+def time_call(fn, warmup: int = 1, reps: int = 5, between=None) -> Timing:
   """Times `fn()` (which must block until its result is ready); warm-up calls are not counted.
 
-  The first warm-up call pays for compilation, so warmup must be at least 1.
+  The first warm-up call pays for compilation, so warmup must be at least 1. `between()`, when
+  given, runs untimed before each timed call (the benchmark samples the machine's rates there).
   """
   if warmup < 1 or reps < 1:
     raise ValueError(f'warmup and reps must be >= 1 (warm-up absorbs compilation); '
@@ -31,6 +32,8 @@ def time_call(fn, warmup: int = 1, reps: int = 5) -> Timing:
     fn()
   times = []
   for _ in range(reps):
+    if between is not None:
+      between()
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
