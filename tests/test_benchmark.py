@@ -85,7 +85,7 @@ def test_floor_is_the_slower_of_memory_and_compute():
 
 
 def test_machine_rates_sample_median_and_fastest():
-  rates = roofline.MachineRates(nbytes=1 << 20, matmul_n=64)
+  rates = roofline.MachineRates(nbytes=1 << 20, matmul_n=64, settle_s=0)
   assert rates.bandwidths == [] and rates.flop_rates == []  # the warm-up calls are not kept
   rates.sample(3)
   rates.sample()
@@ -161,7 +161,8 @@ def tiny_flags():
     flags.FLAGS.mark_as_parsed()
   with flagsaver.flagsaver(num_heads=4, head_dim=8, emb_dim=16, mlp_dim=32, vocab_size=50,
                            batch=2, input_length=6, output_length=3, num_decoder_layers=1,
-                           kv_heads=['4', '1'], reps=1, bandwidth_mib=1):
+                           kv_heads=['4', '1'], reps=1, bandwidth_mib=1,
+                           rate_settle_s=0):
     yield flags.FLAGS
 
 

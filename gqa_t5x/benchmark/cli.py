@@ -60,6 +60,9 @@ _BANDWIDTH_MIB = flags.DEFINE_integer('bandwidth_mib', 1024, 'Buffer for the rea
 _MATMUL_N = flags.DEFINE_integer('matmul_n', 2048, 'Side of the square matmul that measures '
                                  'the compute roof (large enough to hide dispatch: 8192 on GPUs).',
                                  lower_bound=64)
+_RATE_SETTLE = flags.DEFINE_float(
+    'rate_settle_s', 1.0, 'Seconds to wait before each sample of the machine\'s rates: right '
+    'after a decode the read bandwidth measures low for about a second.', lower_bound=0)
 # Shared with other commands: --kv_heads (default H, H/2, ..., 1), --head_dim (default 64),
 # --seed, --output_dir (JSON/Markdown/PNG; unset: print only).
 _KV_HEADS, _HEAD_DIM = common_flags.kv_heads(), common_flags.head_dim()
@@ -153,7 +156,7 @@ def measure_row(level: str, implementation: str, g: roofline.Geometry, dtype: st
 
 def _rates(dtype: str) -> roofline.MachineRates:
   return roofline.MachineRates(_BANDWIDTH_MIB.value * report.MIB, _MATMUL_N.value,
-                               jnp.dtype(dtype))
+                               jnp.dtype(dtype), _RATE_SETTLE.value)
 
 
 def _geometry(kv_heads: int, dtype: str) -> roofline.Geometry:
@@ -205,8 +208,8 @@ def benchmark(write_outputs=None) -> dict:
         'settings': {**{name: flags.FLAGS[name].value for name in (
             'levels', 'kv_heads', 'num_heads', 'emb_dim', 'mlp_dim', 'vocab_size',
             'num_decoder_layers', 'num_encoder_layers', 'input_length', 'output_length',
-            'batch', 'dtypes', 'warmup', 'reps', 'bandwidth_mib', 'matmul_n', 'seed',
-            'xla_rows')},
+            'batch', 'dtypes', 'warmup', 'reps', 'bandwidth_mib', 'matmul_n', 'rate_settle_s',
+            'seed', 'xla_rows')},
                      'head_dim': _head_dim()},
         'machine': {'platform': device.platform, 'device_kind': device.device_kind,
                     'jax': jax.__version__, 'python': platform.python_version(),

@@ -128,8 +128,12 @@ class MachineRates:
   neighbours' load within seconds (on a 2-core EPYC one 1 GiB read took 17.5-40 GB/s from one
   call to the next). A decode reading for seconds sees their average; a few calls before it see
   one moment, and the fastest call a burst that no sustained read keeps up. So the benchmark
-  samples before each timed call and after the last: the median is what the machine sustained
-  while the row ran, and the fastest is kept as the strictest floor.
+  samples before each timed call and after the last: the median is the machine's rate while the
+  row ran, and the fastest is kept as the strictest floor.
+
+  Each sample waits `settle_s` first: right after a decode the same machine read at 19.5-22.7
+  GB/s, 1-2 s later at 25-34 (idle 30-34; back-to-back reads, medians of 23-25). Settled samples
+  are the higher, so the floor errs on the strict side.
 
   The read is a jitted sum over `nbytes` of float32: it reads every byte once and writes nothing,
   the best a decode step could do (larger than the last-level cache, or it measures the cache).
@@ -137,8 +141,9 @@ class MachineRates:
   flops per weight it reads, and a CPU with few cores cannot do that as fast as it reads.
   """
 
-  def __init__(self, nbytes: int = 1 << 30, matmul_n: int = 2048, dtype=jnp.float32):
-    self.dtype = jnp.dtype(dtype)
+  def __init__(self, nbytes: int = 1 << 30, matmul_n: int = 2048, dtype=jnp.float32,
+               settle_s: float = 1.0):
+    self.dtype, self.settle_s = jnp.dtype(dtype), settle_s
     self._buffer = jnp.ones((nbytes // 4,), jnp.float32)
     self._matrix = jnp.ones((matmul_n, matmul_n), self.dtype)
     self._sum, self._product = jax.jit(jnp.sum), jax.jit(jnp.matmul)
@@ -155,8 +160,9 @@ class MachineRates:
     return time.perf_counter() - start
 
   def sample(self, calls: int = 1) -> None:
-    """Measures both rates `calls` times and keeps every measurement."""
+    """Measures both rates `calls` times, each after settle_s, and keeps every measurement."""
     for _ in range(calls):
+      time.sleep(self.settle_s)
       self.bandwidths.append(self._read_bytes / self._seconds(self._sum, self._buffer))
       self.flop_rates.append(
           self._flops / self._seconds(self._product, self._matrix, self._matrix))

@@ -36,6 +36,7 @@ class Benchmark:
   vocab_size: int = 32128
   num_decoder_layers: int = 1
   reps: int = 3
+  rate_settle_s: float = 1.0  # gqa-t5x-benchmark's wait before each sample of the machine's rates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +108,7 @@ SMOKE = Preset(
     finetune_tasks=(('gqa_embedded_module_qa', lengths(32, 8)),),
     finetune_steps=4, finetune_batch=8, eval_batch=256, finetune_checkpoints=2,
     benchmark=Benchmark(input_length=64, output_length=4, batch=2, num_heads=16, head_dim=16,
-                        emb_dim=64, mlp_dim=64, vocab_size=256, reps=2),
+                        emb_dim=64, mlp_dim=64, vocab_size=256, reps=2, rate_settle_s=0),
     seeds=(0, 1), alphas=(0.0, 0.1), main_alpha=0.1, seconds_per_kilotoken=0.05)
 
 CPU = Preset(

@@ -303,7 +303,8 @@ class Plan:
             f'--mlp_dim={b.mlp_dim}', f'--vocab_size={b.vocab_size}',
             f'--num_decoder_layers={b.num_decoder_layers}', '--num_encoder_layers=0',
             f'--input_length={b.input_length}', f'--output_length={b.output_length}',
-            f'--batch={b.batch}', f'--reps={b.reps}', '--peer=false',
+            f'--batch={b.batch}', f'--reps={b.reps}', f'--rate_settle_s={b.rate_settle_s}',
+            '--peer=false',
             f'--output_dir={self.benchmark_dir()}']
 
     def work():
