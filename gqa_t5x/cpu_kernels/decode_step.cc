@@ -372,7 +372,8 @@ void CrossAttentionItem(const float* q, const float* keys, const float* values,
   // Probability rows padded to whole, aligned vectors and one vector more: p [g, ldp], then 1 /
   // row sums. Rows 2^k floats apart (S = 2048: 8 KiB) all fall in the same L1 sets, and the
   // tiles touch 8 of them beside the key or value rows (also 8 KiB apart): more lines than an
-  // 8-way L1 holds. With the extra vector the G = 8 kernel ran 10% faster on one core of a Zen 4.
+  // 8-way L1 holds. With the extra vector the G = 8 kernel ran 10% faster on one Zen 4 core (on
+  // two, where reading the cache bounds it, alike).
   const int64_t ldp = (S + kLanes - 1) / kLanes * kLanes + kLanes;
   float* p = Scratch(G * ldp + G);
   float* inv_sum = p + G * ldp;
@@ -470,9 +471,9 @@ ffi::Error CrossAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 // 20-25% faster. Blocks of 8 rows or two blocks of prefetch ahead were slower; reading this
 // pattern alone, prefetching into L2 (prefetcht1) reached 22 GB/s where prefetching into L1
 // reached 19.5. On a 2-core Zen 4 (32 KiB L1d, 1 MiB L2), blocks of 32 rows ran every decode
-// shape 7-15% faster than 16 (weights cold, two threads, call by call against each other; 64
-// alike, 16 rows prefetched two blocks ahead slower). On the Xeon, before the sums' rows were
-// padded (MatmulStrip), 32 rows had been 5-10% slower from L3 or memory.
+// shape 7-15% faster than 16 (weights cold, two threads, tools/kernel_ab.py; 64 alike, 16 rows
+// prefetched two blocks ahead slower). On the Xeon, before the sums' rows were padded
+// (MatmulStrip), 32 rows had been 5-10% slower from L3 or memory.
 constexpr int64_t kStripAccumulators = 16384;  // floats of sums per strip (64 KiB)
 constexpr int64_t kStripMaxWidth = 1024;  // columns: at most a 4 KiB run of each weight row
 constexpr int64_t kStripRows = 16;  // rows of x per pass over a strip
