@@ -25,8 +25,8 @@ FLAGS_READ = {
     'gqa-t5x-benchmark': {'levels', 'num_heads', 'head_dim', 'emb_dim', 'mlp_dim', 'vocab_size',
                           'num_decoder_layers', 'num_encoder_layers', 'input_length',
                           'output_length', 'batch', 'dtypes', 'device', 'peer', 'peer_device',
-                          'warmup', 'reps', 'bandwidth_mib', 'matmul_n', 'kv_heads', 'seed',
-                          'output_dir', 'xla_rows'},
+                          'warmup', 'reps', 'bandwidth_mib', 'matmul_n', 'rate_settle_s',
+                          'kv_heads', 'seed', 'output_dir', 'xla_rows'},
     'gqa-t5x-reproduce': {'preset', 'output_dir', 'dry_run'},
 }
 TINY = ['--gin_file=models/t5_1_1/tiny.gin', '--gin.VOCAB_SIZE=1152',
