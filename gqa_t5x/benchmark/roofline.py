@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Geometry:
   """The sizes that determine decode-step bytes (one model config at one kv-head count G)."""
