@@ -110,29 +110,26 @@ def _peer_device(device) -> str:
   return 'cpu'
 
 
-def _floor(level: str, g: roofline.Geometry, bandwidth: float, flops_per_s: float) -> float:
-  if level == 'attention':
-    return roofline.floor_seconds(roofline.attention_step_bytes(g, g.output_length), bandwidth,
-                                  roofline.attention_step_flops(g, g.output_length), flops_per_s)
-  return roofline.greedy_decode_floor(g, bandwidth, flops_per_s)
-
-
 def measure_row(level: str, implementation: str, g: roofline.Geometry, dtype: str,
                 t: timing.Timing, peak_bytes, rates: roofline.MachineRates,
                 comparable: bool = True) -> dict:
   """Sets the timing t of one row against its floors from the rates sampled beside it: the
   sustained (median) rates' and the fastest's. No floor where the row did not run on the device
   the rates are of (comparable=False)."""
-  bandwidth, flops_per_s = rates.sustained()
   if level == 'attention':
     total_bytes = step_bytes = roofline.attention_step_bytes(g, g.output_length)
     flops = roofline.attention_step_flops(g, g.output_length)
+    floor_at = lambda bandwidth, flops_per_s: roofline.floor_seconds(
+        total_bytes, bandwidth, flops, flops_per_s)
   else:
     total_bytes = roofline.greedy_decode_bytes(g)
     step_bytes = total_bytes / g.output_length
     flops = roofline.greedy_decode_flops(g)
-  floor = _floor(level, g, bandwidth, flops_per_s) if comparable else None
-  fastest = _floor(level, g, *rates.fastest()) if comparable else None
+    floor_at = lambda bandwidth, flops_per_s: roofline.greedy_decode_floor(
+        g, bandwidth, flops_per_s)
+  (bandwidth, flops_per_s), fastest_rates = rates.sustained(), rates.fastest()
+  floor = floor_at(bandwidth, flops_per_s) if comparable else None
+  fastest = floor_at(*fastest_rates) if comparable else None
   return {
       'level': level, 'implementation': implementation, 'dtype': dtype, 'kv_heads': g.kv_heads,
       'median_s': t.median_s, 'min_s': t.min_s, 'max_s': t.max_s, 'reps': t.reps,
@@ -141,8 +138,8 @@ def measure_row(level: str, implementation: str, g: roofline.Geometry, dtype: st
       'bytes_per_step': step_bytes, 'flops_per_step': flops / (1 if level == 'attention'
                                                                else g.output_length),
       'read_bandwidth_bytes_per_s': bandwidth, 'matmul_flops_per_s': flops_per_s,
-      'fastest_read_bandwidth_bytes_per_s': rates.fastest()[0],
-      'fastest_matmul_flops_per_s': rates.fastest()[1], 'rate_samples': len(rates.bandwidths),
+      'fastest_read_bandwidth_bytes_per_s': fastest_rates[0],
+      'fastest_matmul_flops_per_s': fastest_rates[1], 'rate_samples': len(rates.bandwidths),
       'bound': (None if floor is None else
                 'memory' if total_bytes / bandwidth >= flops / flops_per_s else 'compute'),
       'floor_per_sample_s': None if floor is None else floor / g.batch,

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gqa_t5x.benchmark import timing
+
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
@@ -145,26 +147,21 @@ class MachineRates:
     self.dtype, self.settle_s = jnp.dtype(dtype), settle_s
     self._buffer = jnp.ones((nbytes // 4,), jnp.float32)
     self._matrix = jnp.ones((matmul_n, matmul_n), self.dtype)
-    self._sum, self._product = jax.jit(jnp.sum), jax.jit(jnp.matmul)
+    total, product = jax.jit(jnp.sum), jax.jit(jnp.matmul)
+    self._read = lambda: total(self._buffer).block_until_ready()
+    self._multiply = lambda: product(self._matrix, self._matrix).block_until_ready()
     self._read_bytes, self._flops = self._buffer.size * 4, 2 * matmul_n ** 3
     for _ in range(2):  # compilation, then a warm call
-      self._seconds(self._sum, self._buffer)
-      self._seconds(self._product, self._matrix, self._matrix)
+      self._read()
+      self._multiply()
     self.bandwidths, self.flop_rates = [], []
-
-  @staticmethod
-  def _seconds(fn, *args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
 
   def sample(self, calls: int = 1) -> None:
     """Measures both rates `calls` times, each after settle_s, and keeps every measurement."""
     for _ in range(calls):
       time.sleep(self.settle_s)
-      self.bandwidths.append(self._read_bytes / self._seconds(self._sum, self._buffer))
-      self.flop_rates.append(
-          self._flops / self._seconds(self._product, self._matrix, self._matrix))
+      self.bandwidths.append(self._read_bytes / timing.seconds(self._read))
+      self.flop_rates.append(self._flops / timing.seconds(self._multiply))
 
   def clear(self) -> None:
     self.bandwidths, self.flop_rates = [], []

@@ -19,6 +19,13 @@ class Timing:
     return (self.max_s - self.min_s) / self.median_s
 
 
+def seconds(fn) -> float:
+  """Wall-clock seconds of one call of `fn()` (which must block until its result is ready)."""
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
 def time_call(fn, warmup: int = 1, reps: int = 5, between=None) -> Timing:
   """Times `fn()` (which must block until its result is ready); warm-up calls are not counted.
 
@@ -34,7 +41,5 @@ def time_call(fn, warmup: int = 1, reps: int = 5, between=None) -> Timing:
   for _ in range(reps):
     if between is not None:
       between()
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
+    times.append(seconds(fn))
   return Timing(statistics.median(times), min(times), max(times), reps, tuple(times))
