@@ -30,18 +30,15 @@ void OnThreads(int threads, const std::function<void(int)>& part) {
   for (auto& other : others) other.join();
 }
 
-// MatmulImpl's strips (the same widths for `threads`), dealt out round robin.
-template <typename Strip>
-void Matmul(Strip strip, const float* x, int64_t M, int64_t K, const float* w, int64_t N,
-            float* out, int threads) {
-  int64_t width = std::clamp<int64_t>(16384 / std::clamp<int64_t>(M, 1, 16) / 16 * 16, 16, 1024);
-  while (width > 16 && N / width < threads) width /= 2;
-  width = std::max<int64_t>(width / 16 * 16, 16);
+// MatmulImpl's strips (each version's own widths for `threads`), dealt out round robin.
+template <typename Width, typename Strip>
+void Matmul(Width strip_width, Strip strip, const float* x, int64_t M, int64_t K, const float* w,
+            int64_t N, float* out, int threads) {
+  const int64_t width = strip_width(M, N, threads);
   const int64_t strips = std::max<int64_t>(N / width, 1);
   OnThreads(threads, [&](int part) {
     for (int64_t t = part; t < strips; t += threads) {
-      const int64_t n0 = t * width, n1 = t + 1 == strips ? N : n0 + width;
-      strip(x, M, K, w, N, out, n0, (n1 - n0) / 16, (n1 - n0) % 16);
+      strip(x, M, K, w, N, out, t * width, t + 1 == strips ? N : (t + 1) * width);
     }
   });
 }
@@ -83,11 +80,12 @@ std::vector<Case> MatmulCases(int threads) {
     cases.push_back({std::to_string(M) + " x " + std::to_string(K) + " x " + std::to_string(N),
                      [=](int v, int call) {
                        const float* wp = (*w)[call % copies].data();
+                       float* o = (*out)[v].data();
                        if (v == 0) {
-                         Matmul(va::MatmulStrip, x->data(), M, K, wp, N, (*out)[0].data(),
+                         Matmul(va::StripWidth, va::MatmulStrip, x->data(), M, K, wp, N, o,
                                 threads);
                        } else {
-                         Matmul(vb::MatmulStrip, x->data(), M, K, wp, N, (*out)[1].data(),
+                         Matmul(vb::StripWidth, vb::MatmulStrip, x->data(), M, K, wp, N, o,
                                 threads);
                        }
                      },

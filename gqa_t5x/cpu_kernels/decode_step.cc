@@ -533,14 +533,15 @@ inline void ColumnTile(const float* x, int64_t K, const float* w, int64_t N, flo
   }
 }
 
-// out [:, n0:n0 + width] for one strip; width = nv whole vectors and `tail` single columns. Rows
+// out [:, n0:n1] for one strip: its whole vectors of columns, then any single columns left. Rows
 // of x go kStripRows at a time, and the weight's rows kBlockRows at a time, column tile by
 // column tile (ColumnTile).
 void MatmulStrip(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* out,
-                 int64_t n0, int64_t nv, int64_t tail) {
+                 int64_t n0, int64_t n1) {
+  const int64_t nv = (n1 - n0) / kLanes, width = nv * kLanes;
   // The sums' rows one vector longer than the strip: 1024 floats apart they would share L1 sets
   // (as ldp in CrossAttentionItem). The logits ran 7% faster on one Zen 4 core.
-  const int64_t width = nv * kLanes, ld = width + kLanes;
+  const int64_t ld = width + kLanes;
   for (int64_t m0 = 0; nv && m0 < M; m0 += kStripRows) {
     const int64_t rows = std::min(kStripRows, M - m0);
     float* acc = Scratch(rows * ld);
@@ -558,13 +559,24 @@ void MatmulStrip(const float* x, int64_t M, int64_t K, const float* w, int64_t N
       std::memcpy(out + (m0 + m) * N + n0, acc + m * ld, width * sizeof(float));
     }
   }
-  for (int64_t n = n0 + width; n < n0 + width + tail; ++n) {
+  for (int64_t n = n0 + width; n < n1; ++n) {
     for (int64_t m = 0; m < M; ++m) {
       float total = 0;
       for (int64_t k = 0; k < K; ++k) total += x[m * K + k] * w[k * N + n];
       out[m * N + n] = total;
     }
   }
+}
+
+// The columns of each strip of an [M, K] x [K, N] product on `threads` threads: as many as the
+// accumulators allow (whole vectors, at most a 4 KiB run of a row), then narrowed until every
+// thread has a strip. The last strip takes the columns left over.
+int64_t StripWidth(int64_t M, int64_t N, int64_t threads) {
+  const int64_t pass_rows = std::clamp<int64_t>(M, 1, kStripRows);
+  int64_t width = std::clamp<int64_t>(kStripAccumulators / pass_rows / kLanes * kLanes, kLanes,
+                                      kStripMaxWidth);
+  while (width > kLanes && N / width < threads) width /= 2;
+  return std::max<int64_t>(width / kLanes * kLanes, kLanes);
 }
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -574,20 +586,13 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::InvalidArgument("gqa_t5x_matmul expects x [M, K] and w [K, N]");
   }
   const int64_t M = xd[0], K = xd[1], N = wd[1];
-  // Strips as wide as the accumulators allow (whole vectors, at most a 4 KiB run of a row), then
-  // narrowed until every thread has one; the last strip takes the columns left over.
-  const int64_t pass_rows = std::clamp<int64_t>(M, 1, kStripRows);
-  int64_t width = std::clamp<int64_t>(kStripAccumulators / pass_rows / kLanes * kLanes, kLanes,
-                                      kStripMaxWidth);
-  while (width > kLanes && N / width < pool.num_threads()) width /= 2;
-  width = std::max<int64_t>(width / kLanes * kLanes, kLanes);
+  const int64_t width = StripWidth(M, N, pool.num_threads());
   const int64_t strips = std::max<int64_t>(N / width, 1);
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* op = out->typed_data();
   ParallelFor(pool, strips, M * K * N, [&](int64_t t) {
-    const int64_t n0 = t * width, n1 = t + 1 == strips ? N : n0 + width;
-    MatmulStrip(xp, M, K, wp, N, op, n0, (n1 - n0) / kLanes, (n1 - n0) % kLanes);
+    MatmulStrip(xp, M, K, wp, N, op, t * width, t + 1 == strips ? N : (t + 1) * width);
   });
   return ffi::Error::Success();
 }
