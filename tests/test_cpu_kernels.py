@@ -1,9 +1,12 @@
 """The CPU decode kernels (gqa_t5x/cpu_kernels) against float64 numpy, and the decode they speed
 up against the same decode on XLA's einsums."""
+import ctypes
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +32,39 @@ def test_the_kernel_builds_here():
   assert cpu_kernels.available(), 'CI has g++: the kernel must build, or nothing below is tested'
 
 
+# The tilings the kernels choose by CPU, as (floats per vector, register-tile sums): AVX-512's,
+# AVX2's and NEON's. Each is built here, whatever this CPU is, so that every tiling's tile and tail
+# boundaries are checked on every machine; None is the library as built for this CPU.
+TILINGS = [None, (16, 24), (8, 12), (4, 24)]
+
+
+@functools.cache
+def tiled_kernels(tiling):
+  """(cross_attention, matmul) calling the kernels built with `tiling` (None: for this CPU)."""
+  if tiling is None:
+    return cpu_kernels.cross_attention, cpu_kernels.matmul
+  lanes, sums = tiling
+  directory = tempfile.mkdtemp()
+  library = os.path.join(directory, 'decode_step.so')
+  source = os.path.join(os.path.dirname(cpu_kernels.__file__), cpu_kernels.SOURCE)
+  subprocess.run([os.environ.get('CXX', 'g++'), *cpu_kernels._FLAGS,  # pylint: disable=protected-access
+                  f'-DGQA_T5X_VECTOR_FLOATS={lanes}', f'-DGQA_T5X_TILE_SUMS={sums}', '-I',
+                  jax.ffi.include_dir(), source, '-o', library], check=True, capture_output=True)
+  handlers = ctypes.CDLL(library)
+  attention, matmul = f'test_cross_attention_{lanes}x{sums}', f'test_matmul_{lanes}x{sums}'
+  jax.ffi.register_ffi_target(attention, jax.ffi.pycapsule(handlers.GqaCrossAttention),
+                              platform='cpu')
+  jax.ffi.register_ffi_target(matmul, jax.ffi.pycapsule(handlers.GqaMatmul), platform='cpu')
+  return (lambda q, *rest: jax.ffi.ffi_call(attention, jax.ShapeDtypeStruct(q.shape, q.dtype))(
+              q, *rest),
+          lambda x, w: jax.ffi.ffi_call(matmul, jax.ShapeDtypeStruct(
+              (x.shape[0], w.shape[1]), x.dtype))(x, w))
+
+
 # Shapes that exercise every path of the kernel: g below, at and above its 4- and 8-row tiles,
 # key lengths with and without a tail past whole 16-float vectors and 48-float tiles, head dims
-# past whole 3-row value tiles.
+# past whole 3-row value tiles (for 16-float vectors; with 8 or 4, other boundaries of the same).
+@pytest.mark.parametrize('tiling', TILINGS)
 @pytest.mark.parametrize('b, k, g, d, s', [
     (2, 4, 1, 64, 2048),  # MHA-like: one query head per kv head
     (3, 2, 8, 16, 96),    # GQA: whole tiles
@@ -48,7 +81,7 @@ def test_the_kernel_builds_here():
     (2, 3, 5, 12, 37),    # tails everywhere
     (1, 2, 3, 7, 5),      # fewer keys than one vector
 ])
-def test_kernel_matches_float64_softmax_attention(b, k, g, d, s):
+def test_kernel_matches_float64_softmax_attention(b, k, g, d, s, tiling):
   rng = np.random.default_rng(s)
   # Scores of unit scale, as T5's depth-scaled query init gives: unscaled, at head dim 64 they
   # reach +-30 and float32 scores alone are 5e-6 off (in either layout).
@@ -57,7 +90,7 @@ def test_kernel_matches_float64_softmax_attention(b, k, g, d, s):
   values = rng.normal(size=(b, k, d, s)).astype(np.float32)
   bias = np.where(rng.random((b, s)) < 0.3, -1e10, 0.0).astype(np.float32)
   bias[:, 0] = 0  # every row attends somewhere
-  got = jax.jit(cpu_kernels.cross_attention)(q, keys, values, bias)
+  got = jax.jit(tiled_kernels(tiling)[0])(q, keys, values, bias)
   np.testing.assert_allclose(got, numpy_cross_attention(q, keys, values, bias), rtol=2e-5,
                              atol=2e-6)
 
@@ -65,7 +98,8 @@ def test_kernel_matches_float64_softmax_attention(b, k, g, d, s):
 # Rows below, at and past the 8- and 4-row tiles and 16-row passes; weight rows past whole 32-row
 # blocks; columns in one strip or several (up to 1024 wide), in whole 3-vector tiles and past
 # them, with a last strip that is wider and has a tail past whole vectors, or narrower than one
-# vector.
+# vector (for 16-float vectors; with 8 or 4, other boundaries of the same).
+@pytest.mark.parametrize('tiling', TILINGS)
 @pytest.mark.parametrize('m, k, n', [
     (16, 512, 1024),  # a decode step's shape: whole row tiles, strips and blocks
     (1, 70, 1030),    # one row; blocks of 32, 32 and 6; strips, the last with a 6-column tail
@@ -74,11 +108,11 @@ def test_kernel_matches_float64_softmax_attention(b, k, g, d, s):
     (40, 5, 16),      # three passes; one vector of columns
     (3, 1, 7),        # a single weight row, fewer columns than a vector
 ])
-def test_matmul_matches_float64(m, k, n):
+def test_matmul_matches_float64(m, k, n, tiling):
   rng = np.random.default_rng(m * n + k)
   x = rng.normal(size=(m, k)).astype(np.float32)
   w = rng.normal(size=(k, n)).astype(np.float32)
-  got = jax.jit(cpu_kernels.matmul)(x, w)
+  got = jax.jit(tiled_kernels(tiling)[1])(x, w)
   want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 

@@ -8,8 +8,8 @@
 // each loaded float allows; the work is shared out over XLA's intra-op thread pool.
 //
 // Built by gqa_t5x/cpu_kernels/__init__.py with -march=native for the machine it runs on. Vectors
-// are GCC/Clang vector extensions of 16 floats: AVX-512 registers where the CPU has them, pairs of
-// AVX2 (or four NEON) registers otherwise.
+// are GCC/Clang vector extensions as wide as the CPU's float registers, and the register tiles are
+// sized to its register file (kLanes, kTileSums).
 #include <algorithm>
 #include <atomic>
 #include <climits>
@@ -27,7 +27,27 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// Why per CPU: with 16-float vectors (two AVX2 registers each) on a 2-core Zen 3, the 24-sum tiles
+// chosen for AVX-512's 32 registers needed 48 of its 16 and spilled: every kernel ran 2-8x slower.
+// kTileSums leaves the rest of the registers for a tile's loaded vectors and a broadcast.
+// GQA_T5X_VECTOR_FLOATS and GQA_T5X_TILE_SUMS, defined together, choose a tiling on any CPU (the
+// tests build each one; vector extensions compile to whatever registers there are).
+#if defined(GQA_T5X_VECTOR_FLOATS) && defined(GQA_T5X_TILE_SUMS)
+constexpr int64_t kLanes = GQA_T5X_VECTOR_FLOATS;
+constexpr int kTileSums = GQA_T5X_TILE_SUMS;
+#elif defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
+constexpr int kTileSums = 24;  // of 32 registers
+#elif defined(__AVX__)
+constexpr int64_t kLanes = 8;
+constexpr int kTileSums = 12;  // of 16 registers
+#elif defined(__aarch64__)
+constexpr int64_t kLanes = 4;
+constexpr int kTileSums = 24;  // of 32 NEON registers
+#else
+constexpr int64_t kLanes = 4;
+constexpr int kTileSums = 12;  // of SSE's 16 registers
+#endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef uint32_t UVec __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
@@ -131,13 +151,14 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t total_work, const Bod
 // 128 bytes per row per step and each row prefetched 1 KiB ahead read 30-50% faster than whole
 // rows one or two at a time, or 64 rows at once. Register tiles of 8 query heads x 3 vectors of
 // scores and 8 heads x 3 value rows (24 sums each, from AVX-512's 32 registers) ran the G = 8 and
-// G = 1 steps 10-13% faster than 8 x 2 and 4 x 4 (docs/benchmarks.md).
+// G = 1 steps 10-13% faster than 8 x 2 and 4 x 4 (docs/benchmarks.md); with 16 registers, 4 x 3.
+constexpr int kTileHeads = kTileSums / 3;  // query heads per tile, against 3 vectors or value rows
 constexpr int64_t kScoreRows = 8;  // key rows streamed together
 constexpr int64_t kManyQueries = 16;
 constexpr int64_t kScorePrefetch = 256;  // floats ahead in each key row
 constexpr int64_t kMixPrefetch = 1024;  // floats ahead in each value row
 
-// p [g, s0:s0 + SV * 16] (+)= q [g, d0:d1] . keys [d0:d1, s0:...] for GB rows (+ bias when first).
+// p [g, s0:s0 + SV vectors] (+)= q [g, d0:d1] . keys [d0:d1, s0:...] for GB rows (+ bias when first).
 template <int GB, int SV>
 void ScoresTile(const float* q, const float* keys, const float* bias, float* p, int64_t ldp,
                 int64_t D, int64_t S, int64_t g0, int64_t s0, int64_t d0, int64_t d1) {
@@ -169,8 +190,12 @@ template <int SV>
 void ScoresColumns(const float* q, const float* keys, const float* bias, float* p, int64_t ldp,
                    int64_t G, int64_t D, int64_t S, int64_t s0, int64_t d0, int64_t d1) {
   int64_t g = 0;
-  for (; g + 8 <= G; g += 8) ScoresTile<8, SV>(q, keys, bias, p, ldp, D, S, g, s0, d0, d1);
-  for (; g + 4 <= G; g += 4) ScoresTile<4, SV>(q, keys, bias, p, ldp, D, S, g, s0, d0, d1);
+  for (; g + kTileHeads <= G; g += kTileHeads) {
+    ScoresTile<kTileHeads, SV>(q, keys, bias, p, ldp, D, S, g, s0, d0, d1);
+  }
+  if constexpr (kTileHeads > 4) {
+    for (; g + 4 <= G; g += 4) ScoresTile<4, SV>(q, keys, bias, p, ldp, D, S, g, s0, d0, d1);
+  }
   for (; g < G; ++g) ScoresTile<1, SV>(q, keys, bias, p, ldp, D, S, g, s0, d0, d1);
 }
 
@@ -229,9 +254,11 @@ constexpr int64_t kHeadsAlongVectorsMaxDim = 64;
 constexpr int64_t kMixChunk = 64;  // probability rows [s, g] exponentiated and mixed at a time
 constexpr int64_t kHeadKeyPrefetch = 64;  // floats ahead in each key row
 
-// Register tiles of T rows (keys, or value rows) x V vectors of heads: 24 sums.
+// Register tiles of T rows (keys, or value rows) x V vectors of heads: kTileSums sums, V at most
+// kHeadVectors (4, or 3 with 16 registers: 12 sums, 3 vectors of heads and a broadcast).
+constexpr int kHeadVectors = kTileSums >= 24 ? 4 : 3;
 template <int V>
-constexpr int kHeadTileRows = 24 / V;
+constexpr int kHeadTileRows = kTileSums / V;
 
 // pt [s0:s0 + T, heads v0:v0 + V vectors] = bias [s] + keys [:, s] . qt [:, heads], and mx, the
 // heads' running maximum, raised to them.
@@ -307,12 +334,17 @@ inline void HeadRows(int64_t rows, const Tile& tile) {
   for (; n < rows; ++n) tile(std::integral_constant<int, 1>{}, n);
 }
 
-// Calls body(integral_constant<V>, v0) for head vectors [0, GV) in groups of 4, then 3, 2 or 1.
+// Calls body(integral_constant<V>, v0) for head vectors [0, GV) in groups of kHeadVectors, then
+// the 3, 2 or 1 left.
 template <typename Body>
 inline void HeadVectors(int64_t GV, const Body& body) {
   int64_t v = 0;
-  for (; v + 4 <= GV; v += 4) body(std::integral_constant<int, 4>{}, v);
-  if (GV - v == 3) body(std::integral_constant<int, 3>{}, v);
+  for (; v + kHeadVectors <= GV; v += kHeadVectors) {
+    body(std::integral_constant<int, kHeadVectors>{}, v);
+  }
+  if constexpr (kHeadVectors > 3) {
+    if (GV - v == 3) body(std::integral_constant<int, 3>{}, v);
+  }
   if (GV - v == 2) body(std::integral_constant<int, 2>{}, v);
   if (GV - v == 1) body(std::integral_constant<int, 1>{}, v);
 }
@@ -425,8 +457,12 @@ void CrossAttentionItem(const float* q, const float* keys, const float* values,
     inv_sum[g] = 1.0f / sum;
   }
   int64_t g = 0;
-  for (; g + 8 <= G; g += 8) MixRows<8, 3>(p, ldp, values, out, D, S, s_vec, g, inv_sum);
-  for (; g + 4 <= G; g += 4) MixRows<4, 4>(p, ldp, values, out, D, S, s_vec, g, inv_sum);
+  for (; g + kTileHeads <= G; g += kTileHeads) {
+    MixRows<kTileHeads, 3>(p, ldp, values, out, D, S, s_vec, g, inv_sum);
+  }
+  if constexpr (kTileHeads > 4) {
+    for (; g + 4 <= G; g += 4) MixRows<4, 4>(p, ldp, values, out, D, S, s_vec, g, inv_sum);
+  }
   for (; g < G; ++g) MixRows<1, 8>(p, ldp, values, out, D, S, s_vec, g, inv_sum);
 }
 
@@ -461,9 +497,9 @@ ffi::Error CrossAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 // memory-bound, and XLA:CPU's GEMMs run them at a third to a half of the read bandwidth (they pack
 // the weight for a reuse that a few rows do not have). Here each task owns a strip of columns and
 // streams the weight's rows through it in blocks, prefetching the next block while it works; the
-// strip's [M, width] sums stay in L1 or L2, and 8 x 3 register tiles (8 rows of x, 3 vectors of
-// columns: 24 sums, 3 weight vectors and a broadcast in AVX-512's 32 registers) do the M
-// multiply-adds each loaded weight float allows.
+// strip's [M, width] sums stay in L1 or L2, and register tiles of kTileSums / 3 rows of x by 3
+// vectors of columns (with AVX-512's 32 registers: 24 sums, 3 weight vectors and a broadcast) do
+// the M multiply-adds each loaded weight float allows.
 
 // Measured on 2-core Xeons: 8 x 3 tiles over strips of 1024 columns in blocks of 16 rows ran the
 // T5 logits' [16, 512] x [512, 32128] 15-20% faster than 4 x 4 tiles over 256 columns in blocks of
@@ -477,8 +513,8 @@ ffi::Error CrossAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 constexpr int64_t kStripAccumulators = 16384;  // floats of sums per strip (64 KiB)
 constexpr int64_t kStripMaxWidth = 1024;  // columns: at most a 4 KiB run of each weight row
 constexpr int64_t kStripRows = 16;  // rows of x per pass over a strip
-constexpr int64_t kTileRows = 8;  // rows of x per register tile
-constexpr int64_t kTileVectors = 3;  // vectors of columns per register tile
+constexpr int64_t kTileVectors = 3;  // vectors of columns per tile
+constexpr int64_t kTileRows = kTileSums / kTileVectors;  // rows of x per register tile
 constexpr int64_t kBlockRows = 32;  // weight rows per block (128 KiB of a 1024-column strip)
 constexpr int kPrefetchToL2 = 2;  // __builtin_prefetch locality: prefetcht1
 
@@ -525,8 +561,10 @@ inline void ColumnTile(const float* x, int64_t K, const float* w, int64_t N, flo
   for (; m + kTileRows <= rows; m += kTileRows, ahead = 0) {
     StripTile<kTileRows, CB>(x, K, w, N, acc, ld, m, c, k0, k1, first, ahead);
   }
-  for (; m + 4 <= rows; m += 4, ahead = 0) {
-    StripTile<4, CB>(x, K, w, N, acc, ld, m, c, k0, k1, first, ahead);
+  if constexpr (kTileRows > 4) {
+    for (; m + 4 <= rows; m += 4, ahead = 0) {
+      StripTile<4, CB>(x, K, w, N, acc, ld, m, c, k0, k1, first, ahead);
+    }
   }
   for (; m < rows; ++m, ahead = 0) {
     StripTile<1, CB>(x, K, w, N, acc, ld, m, c, k0, k1, first, ahead);
