@@ -509,13 +509,16 @@ ffi::Error CrossAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 // reached 19.5. On a 2-core Zen 4 (32 KiB L1d, 1 MiB L2), blocks of 32 rows ran every decode
 // shape 7-15% faster than 16 (weights cold, two threads, tools/kernel_ab.py; 64 alike, 16 rows
 // prefetched two blocks ahead slower). On the Xeon, before the sums' rows were padded
-// (MatmulStrip), 32 rows had been 5-10% slower from L3 or memory.
+// (MatmulStrip), 32 rows had been 5-10% slower from L3 or memory. With AVX2's 4-row tiles (a 2-core
+// Zen 3), each weight vector is read by four row tiles, and blocks of 16 rows ran the logits and
+// the query projection 13-15% faster than 32 (the others alike, two runs of tools/kernel_ab.py).
 constexpr int64_t kStripAccumulators = 16384;  // floats of sums per strip (64 KiB)
 constexpr int64_t kStripMaxWidth = 1024;  // columns: at most a 4 KiB run of each weight row
 constexpr int64_t kStripRows = 16;  // rows of x per pass over a strip
 constexpr int64_t kTileVectors = 3;  // vectors of columns per tile
 constexpr int64_t kTileRows = kTileSums / kTileVectors;  // rows of x per register tile
-constexpr int64_t kBlockRows = 32;  // weight rows per block (128 KiB of a 1024-column strip)
+// Weight rows per block (with 32: 128 KiB of a 1024-column strip).
+constexpr int64_t kBlockRows = kTileSums >= 24 ? 32 : 16;
 constexpr int kPrefetchToL2 = 2;  // __builtin_prefetch locality: prefetcht1
 
 // acc [m0:m0+MB, c0:c0+CB vectors] += x [m0:m0+MB, k0:k1] . w [k0:k1, strip columns], the MB x CB
