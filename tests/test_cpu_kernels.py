@@ -47,7 +47,8 @@ def tiled_kernels(tiling):
   directory = tempfile.mkdtemp()
   library = os.path.join(directory, 'decode_step.so')
   source = os.path.join(os.path.dirname(cpu_kernels.__file__), cpu_kernels.SOURCE)
-  subprocess.run([os.environ.get('CXX', 'g++'), *cpu_kernels._FLAGS,  # pylint: disable=protected-access
+  flags = cpu_kernels._FLAGS  # pylint: disable=protected-access
+  subprocess.run([os.environ.get('CXX', 'g++'), *flags,
                   f'-DGQA_T5X_VECTOR_FLOATS={lanes}', f'-DGQA_T5X_TILE_SUMS={sums}', '-I',
                   jax.ffi.include_dir(), source, '-o', library], check=True, capture_output=True)
   handlers = ctypes.CDLL(library)

@@ -158,7 +158,7 @@ constexpr int64_t kManyQueries = 16;
 constexpr int64_t kScorePrefetch = 256;  // floats ahead in each key row
 constexpr int64_t kMixPrefetch = 1024;  // floats ahead in each value row
 
-// p [g, s0:s0 + SV vectors] (+)= q [g, d0:d1] . keys [d0:d1, s0:...] for GB rows (+ bias when first).
+// p [g, s0:s0 + SV vectors] (+)= q [g, d0:d1] . keys [d0:d1, s0:...] for GB rows (+ bias if first).
 template <int GB, int SV>
 void ScoresTile(const float* q, const float* keys, const float* bias, float* p, int64_t ldp,
                 int64_t D, int64_t S, int64_t g0, int64_t s0, int64_t d0, int64_t d1) {
