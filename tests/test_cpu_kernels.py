@@ -6,7 +6,6 @@ import functools
 import os
 import subprocess
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -44,14 +43,10 @@ def tiled_kernels(tiling):
   if tiling is None:
     return cpu_kernels.cross_attention, cpu_kernels.matmul
   lanes, sums = tiling
-  directory = tempfile.mkdtemp()
-  library = os.path.join(directory, 'decode_step.so')
-  source = os.path.join(os.path.dirname(cpu_kernels.__file__), cpu_kernels.SOURCE)
-  flags = cpu_kernels._FLAGS  # pylint: disable=protected-access
-  subprocess.run([os.environ.get('CXX', 'g++'), *flags,
-                  f'-DGQA_T5X_VECTOR_FLOATS={lanes}', f'-DGQA_T5X_TILE_SUMS={sums}', '-I',
-                  jax.ffi.include_dir(), source, '-o', library], check=True, capture_output=True)
-  handlers = ctypes.CDLL(library)
+  with open(os.path.join(os.path.dirname(cpu_kernels.__file__), cpu_kernels.SOURCE), 'rb') as f:
+    source = (f'#define GQA_T5X_VECTOR_FLOATS {lanes}\n#define GQA_T5X_TILE_SUMS {sums}\n'.encode()
+              + f.read())
+  handlers = ctypes.CDLL(cpu_kernels._build(source))  # pylint: disable=protected-access
   attention, matmul = f'test_cross_attention_{lanes}x{sums}', f'test_matmul_{lanes}x{sums}'
   jax.ffi.register_ffi_target(attention, jax.ffi.pycapsule(handlers.GqaCrossAttention),
                               platform='cpu')
