@@ -106,7 +106,8 @@ class GroupedQueryAttention(nn.Module):
   - self-attention: cached_key/cached_value [b, G, d, max_len] filled one position per call;
   - cross-attention: cached_key/cached_value [b, G, d, enc_len] projected from the encoder output
     at the first decode step only (cache_index 0 -> 1), then reused; later steps may pass
-    inputs_kv=None to read the cache without the first-step test.
+    inputs_kv=None to read the cache without the first-step test. inputs_q=None fills the cache
+    from inputs_kv and returns None (greedy decoding's prefill, before any step).
   The first decode=True call (cache creation, e.g. `mutable=['cache']` on full-length inputs)
   only creates the cache and runs the ordinary computation.
   """
@@ -135,12 +136,17 @@ class GroupedQueryAttention(nn.Module):
                decode: bool = False) -> Array:
     """inputs_q [b, t, e], inputs_kv [b, s, e], mask [b, 1, t, s], bias [b|1, H, t, s] -> [b, t, e].
 
-    Cached cross-attention also accepts inputs_kv=None once an earlier step has filled its cache.
+    Cached cross-attention also accepts inputs_kv=None once an earlier step has filled its cache,
+    and inputs_q=None to fill it only.
     """
-    embed = inputs_q.shape[-1]
+    fill_only = inputs_q is None
+    embed = (inputs_kv if fill_only else inputs_q).shape[-1]
     h, k, g, d = self.num_heads, self.num_kv_heads, self.queries_per_kv_head, self.head_dim
     cache_ready = decode and self.has_variable('cache', 'cached_key')
-    step = (self.decode_kernels and cache_ready and inputs_q.shape[1] == 1
+    if fill_only and not (cache_ready and self.cross_attention and inputs_kv is not None):
+      raise ValueError('inputs_q=None (fill the cache only) is only accepted by cross-attention '
+                       'with decode=True, an existing cache and the encoder output as inputs_kv.')
+    step = (self.decode_kernels and cache_ready and not fill_only and inputs_q.shape[1] == 1
             and self.dtype == jnp.float32)
     if inputs_kv is None and not (cache_ready and self.cross_attention):
       raise ValueError('inputs_kv=None is only accepted by cached cross-attention (decode=True '
@@ -182,13 +188,14 @@ class GroupedQueryAttention(nn.Module):
       return (nn.with_logical_constraint(keys, constraint),
               nn.with_logical_constraint(values, constraint))
 
-    if step:
-      query = step_dense(inputs_q.astype(self.dtype), wq).reshape(*inputs_q.shape[:2], k, g, d)
-    else:
-      query = jnp.einsum('bte,ekgd->btkgd', inputs_q.astype(self.dtype),
-                         wq.reshape(embed, k, g, d))
-    query = nn.with_logical_constraint(
-        query, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.HEADS, axes.KV))
+    if not fill_only:
+      if step:
+        query = step_dense(inputs_q.astype(self.dtype), wq).reshape(*inputs_q.shape[:2], k, g, d)
+      else:
+        query = jnp.einsum('bte,ekgd->btkgd', inputs_q.astype(self.dtype),
+                           wq.reshape(embed, k, g, d))
+      query = nn.with_logical_constraint(
+          query, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.HEADS, axes.KV))
 
     if decode:
       kv_shape = lambda: (inputs_kv.shape[0], k, d, inputs_kv.shape[1])  # [b, k, d, s]
@@ -197,6 +204,10 @@ class GroupedQueryAttention(nn.Module):
                                    lambda: jnp.zeros(kv_shape(), self.dtype))
       cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
 
+    if fill_only:
+      cached_key.value, cached_value.value = project_kv(inputs_kv, into_cache_layout=True)
+      cache_index.value = jnp.array(1, jnp.int32)
+      return None
     if not cache_ready:
       keys, values = project_kv(inputs_kv)
     elif self.cross_attention and inputs_kv is None:

@@ -115,21 +115,25 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm self-attention (GQA), cross-attention (GQA) and gated MLP."""
+  """Pre-norm self-attention (GQA), cross-attention (GQA) and gated MLP; with y=None (decode
+  only) it fills the cross-attention cache from `encoded` and returns None."""
   config: T5Config
 
   @nn.compact
-  def __call__(self, y: Array, encoded: Array | None, self_mask: Array | None, self_bias: Array,
-               cross_mask: Array, deterministic: bool, decode: bool) -> Array:
+  def __call__(self, y: Array | None, encoded: Array | None, self_mask: Array | None,
+               self_bias: Array, cross_mask: Array, deterministic: bool, decode: bool) -> Array:
     cfg = self.config
+    cross_attention = attention(cfg, cfg.decoder_cross_kv_heads, 'encoder_decoder_attention',
+                                cross=True)
+    if y is None:  # fill the cross-attention cache only
+      return cross_attention(None, encoded, decode=True)
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     z = RMSNorm(dtype=cfg.dtype, name='pre_self_attention_layer_norm')(y)
     z = attention(cfg, cfg.decoder_self_kv_heads, 'self_attention')(
         z, z, self_mask, self_bias, deterministic=deterministic, decode=decode)
     y = y + dropout(z, deterministic)
     z = RMSNorm(dtype=cfg.dtype, name='pre_cross_attention_layer_norm')(y)
-    z = attention(cfg, cfg.decoder_cross_kv_heads, 'encoder_decoder_attention', cross=True)(
-        z, encoded, cross_mask, deterministic=deterministic, decode=decode)
+    z = cross_attention(z, encoded, cross_mask, deterministic=deterministic, decode=decode)
     y = y + dropout(z, deterministic)
     z = RMSNorm(dtype=cfg.dtype, name='pre_mlp_layer_norm')(y)
     return y + dropout(mlp(cfg)(z, deterministic, decode), deterministic)
@@ -161,15 +165,21 @@ class Decoder(nn.Module):
 
   In decode mode the decoder keeps its own `cache_index` (the position being decoded), so the
   relative position bias is computed for that one query row, not for a [max_len, max_len] grid.
+  tokens=None only fills every layer's cross-attention cache (fill_cross_attention_cache).
   """
   config: T5Config
   shared_embedding: nn.Module
 
   @nn.compact
-  def __call__(self, encoded: Array | None, tokens: Array, self_mask: Array | None,
+  def __call__(self, encoded: Array | None, tokens: Array | None, self_mask: Array | None,
                cross_mask: Array, deterministic: bool, decode: bool,
                max_decode_length: int | None) -> Array:
     cfg = self.config
+    if tokens is None:  # fill the cross-attention caches only
+      for i in range(cfg.num_decoder_layers):
+        DecoderLayer(cfg, name=f'layers_{i}')(None, encoded, None, None, None,
+                                              deterministic=True, decode=True)
+      return None
     relpos = RelativePositionBias(cfg.num_heads, False, cfg.num_relpos_buckets,
                                   cfg.relpos_max_distance, cfg.dtype, name='relpos_bias')
     cache_ready = decode and self.has_variable('cache', 'cache_index')
@@ -246,6 +256,13 @@ class Transformer(nn.Module):
     return self.decoder(encoded, decoder_input_tokens, self_mask, cross_mask,
                         deterministic=not enable_dropout, decode=decode,
                         max_decode_length=max_decode_length)
+
+  def fill_cross_attention_cache(self, encoded: Array) -> None:
+    """Projects encoded [b, s, e] into every decoder layer's cross-attention cache (apply with
+    a cache from decoding.init_cache and mutable=['cache']); decode steps then pass encoded=None
+    from the first on."""
+    self.decoder(encoded, None, None, None, deterministic=True, decode=True,
+                 max_decode_length=None)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Array, encoder_segment_ids: Array | None = None,

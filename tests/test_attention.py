@@ -122,6 +122,15 @@ def test_cross_attention_projects_encoder_once_and_reuses_the_cache(d):
   from_cache, _ = layer.apply({'params': params, 'cache': state['cache']}, x_q, None,
                               decode=True, mutable=['cache'])
   np.testing.assert_allclose(from_cache, first, rtol=1e-6)
+  # Filled without a query (greedy decoding's prefill), the cache is the same and so is a step.
+  nothing, filled = layer.apply({'params': params, 'cache': cache}, None, x_kv, decode=True,
+                                mutable=['cache'])
+  assert nothing is None and int(filled['cache']['cache_index']) == 1
+  for name in ('cached_key', 'cached_value'):
+    np.testing.assert_allclose(filled['cache'][name], state['cache'][name], rtol=1e-6, atol=1e-6)
+  after_fill, _ = layer.apply({'params': params, 'cache': filled['cache']}, x_q, None,
+                              decode=True, mutable=['cache'])
+  np.testing.assert_allclose(after_fill, first, rtol=1e-5, atol=1e-6)
   wq, wk, wv, wo = _kernels(params)
   want = reference.mha(x_q, x_kv, wq, reference.repeat_kv_kernel(wk, H, 2, d),
                        reference.repeat_kv_kernel(wv, H, 2, d), wo, H, d)
@@ -137,6 +146,18 @@ def test_missing_inputs_kv_outside_cached_cross_attention_is_a_clear_error():
   x = jnp.ones((1, 1, E))
   with pytest.raises(ValueError, match='only accepted by cached cross-attention'):
     GroupedQueryAttention(H, 2, D, cross_attention=True).init(jax.random.PRNGKey(0), x, None)
+
+
+def test_filling_a_cache_without_a_query_outside_cached_cross_attention_is_a_clear_error():
+  _, x_kv, _, _ = _inputs(seed=4, b=2, t=1, s=7)
+  for layer, cache in ((GroupedQueryAttention(H, 2, D, cross_attention=True), None),
+                       (GroupedQueryAttention(H, 2, D), 'self-attention cache')):
+    variables = layer.init(jax.random.PRNGKey(0), x_kv, x_kv)
+    if cache:
+      variables = {**variables, 'cache': layer.apply(variables, x_kv[:, :1], x_kv[:, :1],
+                                                     decode=True, mutable=['cache'])[1]['cache']}
+    with pytest.raises(ValueError, match='only accepted by cross-attention with decode=True'):
+      layer.apply(variables, None, x_kv, decode=True, mutable=['cache'])
 
 
 def _largest_intermediate(fn, *args):

@@ -10,6 +10,7 @@ import pytest
 
 import gqa_t5x
 from gqa_t5x import axes
+from gqa_t5x import decoding
 from gqa_t5x.decoding import greedy_decode
 from gqa_t5x.network import T5Config, Transformer
 
@@ -157,6 +158,27 @@ def test_greedy_decode_equals_uncached_argmax_loop_and_stops_at_eos(self_kv, cro
     stop = list(ref).index(eos) + 1 if eos in ref else len(ref)
     np.testing.assert_array_equal(row[:stop], ref[:stop])
     assert not row[stop:].any()
+
+
+def test_greedy_decode_prefilling_a_sample_at_a_time_equals_uncached_argmax_loop(monkeypatch):
+  monkeypatch.setattr(decoding, 'PREFILL_CHUNK_BYTES', 1)  # one sample per chunk
+  cfg = tiny(2, 1)
+  enc, dec_in, targets = batch(seed=6, b=3)
+  params = init(cfg, enc, dec_in, targets, seed=4)['params']
+  np.testing.assert_array_equal(greedy_decode(Transformer(cfg), params, enc, 7, eos_id=-1),
+                                naive_greedy(cfg, params, enc, 7))
+
+
+@pytest.mark.parametrize('batch_size,length,emb,itemsize,want', [
+    (16, 2048, 512, 4, 2),  # 4 MiB per sample: two fit in 8 MiB
+    (16, 2048, 4096, 4, 1),  # 32 MiB per sample: never below one
+    (8, 256, 128, 4, 8),  # the whole batch fits
+    (10, 2048, 256, 4, 2),  # 2 MiB per sample: 4 would fit, but neither 4 nor 3 divides 10
+])
+def test_prefill_chunk_is_the_largest_divisor_of_the_batch_within_the_byte_budget(
+    batch_size, length, emb, itemsize, want):
+  assert decoding.PREFILL_CHUNK_BYTES == 8 << 20
+  assert decoding.prefill_chunk(batch_size, length, emb, itemsize) == want
 
 
 def test_packed_examples_equal_separate_examples():
