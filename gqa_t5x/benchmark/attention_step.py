@@ -7,16 +7,18 @@ shows whether the grouped einsums stream the cache at full bandwidth for every G
 import jax
 import jax.numpy as jnp
 
+from gqa_t5x import huge_pages
 from gqa_t5x.attention import GroupedQueryAttention
 from gqa_t5x.benchmark import random_state
 from gqa_t5x.benchmark.roofline import Geometry
 
 
-def build(g: Geometry, dtype, seed: int = 0):
+def build(g: Geometry, dtype, seed: int = 0, weights_on_huge_pages: bool = True):
   """Returns (run, peak_bytes): run() times one step at the last output position, blocking.
 
   The self-attention cache holds output_length positions (the step writes the last one); the
   cross-attention cache is already projected (cache_index 1), as after a decode's first step.
+  The weights (not the caches, a decode's temporaries) go onto huge pages as in decode.build.
   """
   attention = lambda cross: GroupedQueryAttention(
       g.num_heads, g.kv_heads, g.head_dim, cross_attention=cross, dtype=dtype)
@@ -34,6 +36,8 @@ def build(g: Geometry, dtype, seed: int = 0):
              'cache': random_state.filled_cache(s['cache'], seed + 10 + i, dtype, index)}
       for i, (name, s, index) in enumerate(
           (('self', shapes['self'], g.output_length - 1), ('cross', shapes['cross'], 1)))}
+  if weights_on_huge_pages:
+    huge_pages.apply([v['params'] for v in variables.values()])
 
   def step(variables, x):  # -> [b, 1, e]; cross-attention reads its cache, as greedy_decode does
     y, _ = self_attention.apply(variables['self'], x, x, decode=True, mutable=['cache'])

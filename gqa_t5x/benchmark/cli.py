@@ -48,6 +48,9 @@ _XLA_ROWS = flags.DEFINE_boolean(
     'xla_rows', False, 'Also time each G\'s decode with T5Config.cpu_decode_kernels=False (XLA\'s '
     'einsums for the cross-attention), beside the rows with the CPU kernel (implementation '
     'gqa_t5x_xla).')
+_HUGE_PAGES = flags.DEFINE_boolean(
+    'huge_pages', True, 'Move the weights onto transparent huge pages (gqa_t5x.huge_pages; '
+    'Linux), as gqa-t5x-infer does on CPU; --nohuge_pages times them on 4 KiB pages.')
 _PEER = flags.DEFINE_boolean('peer', True, 'Also time HuggingFace T5 (MHA) greedy generate '
                              'when torch and transformers are installed.')
 _PEER_DEVICE = flags.DEFINE_string('peer_device', '', 'torch device for the peer; default: '
@@ -206,7 +209,7 @@ def benchmark(write_outputs=None) -> dict:
             'levels', 'kv_heads', 'num_heads', 'emb_dim', 'mlp_dim', 'vocab_size',
             'num_decoder_layers', 'num_encoder_layers', 'input_length', 'output_length',
             'batch', 'dtypes', 'warmup', 'reps', 'bandwidth_mib', 'matmul_n', 'rate_settle_s',
-            'seed', 'xla_rows')},
+            'seed', 'xla_rows', 'huge_pages')},
                      'head_dim': _head_dim()},
         'machine': {'platform': device.platform, 'device_kind': device.device_kind,
                     'jax': jax.__version__, 'python': platform.python_version(),
@@ -221,10 +224,12 @@ def benchmark(write_outputs=None) -> dict:
       if implementation == 'hf_t5':
         run, peak = peer.build(geometry, _ENCODER_LAYERS.value, dtype, peer_device, _SEED.value)
       elif level == 'attention':
-        run, peak = attention_step.build(geometry, jnp.dtype(dtype), _SEED.value)
+        run, peak = attention_step.build(geometry, jnp.dtype(dtype), _SEED.value,
+                                         weights_on_huge_pages=_HUGE_PAGES.value)
       else:
         run, peak = decode.build(geometry, _ENCODER_LAYERS.value, jnp.dtype(dtype), _SEED.value,
-                                 cpu_kernels=implementation == 'gqa_t5x')
+                                 cpu_kernels=implementation == 'gqa_t5x',
+                                 weights_on_huge_pages=_HUGE_PAGES.value)
       # The rates are sampled all through the row (see roofline.MachineRates): rates measured
       # only before it once put a row at 111% of its floor, a slow moment beside a fast one.
       if rates.dtype != jnp.dtype(dtype):

@@ -6,6 +6,7 @@ the encoder runs once per sample; this is the time a user waits, the paper's "ti
 import jax
 import jax.numpy as jnp
 
+from gqa_t5x import huge_pages
 from gqa_t5x.benchmark import random_state
 from gqa_t5x.benchmark.roofline import Geometry
 from gqa_t5x.decoding import greedy_decode
@@ -32,17 +33,22 @@ def random_inputs(g: Geometry, seed: int) -> jax.Array:
                             jnp.int32)
 
 
-def build(g: Geometry, num_encoder_layers: int, dtype, seed: int = 0, cpu_kernels: bool = True):
+def build(g: Geometry, num_encoder_layers: int, dtype, seed: int = 0, cpu_kernels: bool = True,
+          weights_on_huge_pages: bool = True):
   """Returns (run, peak_bytes): run() greedy-decodes one batch of output_length tokens, blocking.
 
-  Weights are stored in the compute dtype (as for serving), not T5X's float32 training params.
-  cpu_kernels=False keeps XLA's einsums where gqa_t5x.cpu_kernels would run.
+  Weights are stored in the compute dtype (as for serving), not T5X's float32 training params,
+  and moved onto huge pages (gqa_t5x.huge_pages) unless weights_on_huge_pages=False, as
+  gqa_t5x.predicting does. cpu_kernels=False keeps XLA's einsums where gqa_t5x.cpu_kernels would
+  run.
   """
   model = Transformer(model_config(g, num_encoder_layers, dtype, cpu_kernels))
   tokens = random_inputs(g, seed)
   targets = jnp.ones((g.batch, g.output_length), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(seed), tokens, targets, targets))
   params = random_state.random_tree(shapes['params'], seed, dtype)
+  if weights_on_huge_pages:
+    huge_pages.apply(params)
   compiled = greedy_decode.lower(model, params, tokens, max_decode_length=g.output_length,
                                  eos_id=NEVER_EOS).compile()
   return (lambda: compiled(params, tokens).block_until_ready(),
