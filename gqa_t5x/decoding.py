@@ -25,8 +25,10 @@ def init_cache(model: Transformer, params, encoder_input_tokens: Array, max_deco
 # encoder output at most this many bytes. Why: XLA:CPU allocates a call's temporaries afresh and the
 # kernel zero-fills every 4 KiB page at its first touch (about 0.75 us a page here); a whole batch's
 # [b, s, e] encoder output and embedding (64 MiB each at batch 16, input 2048, d_model 512) spent
-# more time faulting in than being computed. Measured on a 2-core Xeon, the embedding, norm and an
-# MQA cache fill took 50 ms for the whole batch, 42, 35, 25 and 29 ms in chunks of 8, 4, 2 and 1.
+# more time faulting in than being computed. Measured on a 2-core Xeon (batch 16, input 2048,
+# d_model 512; one process, calls alternated): the prefill in chunks of 2 samples (8 MiB) took
+# 29.0 ms at G = 1 against 31.1 and 39.4 in chunks of 1 and 4; 47.5 at G = 2 against 103 and 58.5;
+# 171 at G = 8 against 222, 183 and 179 (the whole batch); at G = 64 1359 against 1314 (whole).
 PREFILL_CHUNK_BYTES = 8 << 20
 
 
