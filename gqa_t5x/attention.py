@@ -66,21 +66,25 @@ def grouped_attention(query: Array, keys: Array, values: Array, bias: Array | No
   return jnp.einsum('bkgts,bkds->btkgd', probs, values.astype(dtype))
 
 
-def cached_cross_attention(query: Array, keys: Array, values: Array,
-                           bias: Array | None) -> Array:
-  """grouped_attention for one float32 query position over a filled cross-attention cache, whose
-  bias (the encoder's padding) is the same for every head: query [b, 1, k, g, d], keys and values
-  [b, k, d, s], bias [b, 1, 1, 1, s] or None.
+def cached_attention(query: Array, keys: Array, values: Array, bias: Array | None) -> Array:
+  """grouped_attention for one float32 query position over a key/value cache: query
+  [b, 1, k, g, d], keys and values [b, k, d, s], bias broadcastable to [b, k, g, 1, s] or None.
 
-  Why: this reads the whole cross-attention cache at every decode step, the step's largest read.
-  On CPU it runs gqa_t5x.cpu_kernels.cross_attention, which streams keys and values once at
-  close to the read bandwidth; elsewhere, grouped_attention's einsums.
+  Why: a decode step's cross-attention reads the whole cross-attention cache, the step's largest
+  read, and its self-attention is a few small products that XLA:CPU runs as several ops. On CPU
+  this runs gqa_t5x.cpu_kernels.attention, which streams keys and values once at close to
+  the read bandwidth (the bias one row for all heads, or one per head); elsewhere,
+  grouped_attention's einsums.
   """
-  b, s = keys.shape[0], keys.shape[-1]
+  b, k, g, s = query.shape[0], query.shape[2], query.shape[3], keys.shape[-1]
   bias = jnp.zeros((b, 1, 1, 1, s), jnp.float32) if bias is None else bias.astype(jnp.float32)
-  kernel = lambda q, k, v, bias: cpu_kernels.cross_attention(
-      q[:, 0], k, v, jnp.broadcast_to(bias[:, 0, 0, 0], (b, s)))[:, None]
-  einsums = lambda q, k, v, bias: grouped_attention(q, k, v, bias, jnp.float32)
+  if bias.shape[1:4] == (1, 1, 1):
+    flat = lambda bias: jnp.broadcast_to(bias[:, 0, 0, 0], (b, s))
+  else:
+    flat = lambda bias: jnp.broadcast_to(bias[:, :, :, 0], (b, k, g, s))
+  kernel = lambda q, keys, values, bias: cpu_kernels.attention(
+      q[:, 0], keys, values, flat(bias))[:, None]
+  einsums = lambda q, keys, values, bias: grouped_attention(q, keys, values, bias, jnp.float32)
   return cpu_kernels.on_cpu(kernel, einsums, query, keys, values, bias)
 
 
@@ -118,8 +122,8 @@ class GroupedQueryAttention(nn.Module):
   dtype: DType = jnp.float32
   dropout_rate: float = 0.0
   float32_logits: bool = False
-  # Cached decode steps (one float32 position): projections by step_dense, cross-attention by
-  # cached_cross_attention.
+  # Cached decode steps (one float32 position): projections by step_dense, attention by
+  # cached_attention.
   decode_kernels: bool = True
 
   def __post_init__(self):
@@ -237,8 +241,8 @@ class GroupedQueryAttention(nn.Module):
       mask = causal if mask is None else mask * causal
 
     bias = mask_to_bias(mask, bias, k)
-    if step and self.cross_attention and (bias is None or bias.shape[1:4] == (1, 1, 1)):
-      out = cached_cross_attention(query, keys, values, bias)
+    if step and (deterministic or not self.dropout_rate):
+      out = cached_attention(query, keys, values, bias)
     else:
       # T5X's attention dropout: one mask per (batch, head, key), shared by every query position
       # (the t axis of the [b, k, g, t, s] probabilities).

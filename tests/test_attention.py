@@ -142,13 +142,13 @@ def test_cross_attention_projects_encoder_once_and_reuses_the_cache(d):
     np.testing.assert_allclose(state['cache'][name], projected, rtol=1e-5, atol=1e-5)
 
 
-def test_missing_inputs_kv_outside_cached_cross_attention_is_a_clear_error():
+def test_missing_inputs_kv_outside_cached_attention_is_a_clear_error():
   x = jnp.ones((1, 1, E))
   with pytest.raises(ValueError, match='only accepted by cached cross-attention'):
     GroupedQueryAttention(H, 2, D, cross_attention=True).init(jax.random.PRNGKey(0), x, None)
 
 
-def test_filling_a_cache_without_a_query_outside_cached_cross_attention_is_a_clear_error():
+def test_filling_a_cache_without_a_query_outside_cached_attention_is_a_clear_error():
   _, x_kv, _, _ = _inputs(seed=4, b=2, t=1, s=7)
   for layer, cache in ((GroupedQueryAttention(H, 2, D, cross_attention=True), None),
                        (GroupedQueryAttention(H, 2, D), 'self-attention cache')):
@@ -161,10 +161,14 @@ def test_filling_a_cache_without_a_query_outside_cached_cross_attention_is_a_cle
 
 
 def _largest_intermediate(fn, *args):
-  jaxpr = jax.make_jaxpr(fn)(*args)
-  sizes = [int(np.prod(v.aval.shape)) for eqn in jaxpr.eqns for v in eqn.outvars
-           if hasattr(v.aval, 'shape')]
-  return max(sizes)
+  """The largest array any equation makes, in branches too (on CPU both the kernel's and the
+  einsums' branch of cpu_kernels.on_cpu are traced)."""
+  def sizes(jaxpr):
+    for eqn in jaxpr.eqns:
+      yield from (int(np.prod(v.aval.shape)) for v in eqn.outvars if hasattr(v.aval, 'shape'))
+      for branch in eqn.params.get('branches', ()):
+        yield from sizes(branch.jaxpr)
+  return max(sizes(jax.make_jaxpr(fn)(*args).jaxpr))
 
 
 @pytest.mark.parametrize('num_kv_heads', [1, 2])

@@ -20,10 +20,12 @@ from tests import reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def numpy_cross_attention(q, keys, values, bias):
-  """softmax(q . keys + bias) . values per (batch, kv head), in float64."""
+def numpy_attention(q, keys, values, bias):
+  """softmax(q . keys + bias) . values per (batch, kv head), in float64; bias [b, s] (every
+  head's) or [b, k, g, s]."""
   q, keys, values, bias = (np.asarray(a, np.float64) for a in (q, keys, values, bias))
-  scores = np.einsum('bkgd,bkds->bkgs', q, keys) + bias[:, None, None, :]
+  scores = np.einsum('bkgd,bkds->bkgs', q, keys) + (bias if bias.ndim == 4 else
+                                                     bias[:, None, None, :])
   return np.einsum('bkgs,bkds->bkgd', reference.softmax(scores), values)
 
 
@@ -39,16 +41,16 @@ TILINGS = [None, (16, 24), (8, 12), (4, 24)]
 
 @functools.cache
 def tiled_kernels(tiling):
-  """(cross_attention, matmul) calling the kernels built with `tiling` (None: for this CPU)."""
+  """(attention, matmul) calling the kernels built with `tiling` (None: for this CPU)."""
   if tiling is None:
-    return cpu_kernels.cross_attention, cpu_kernels.matmul
+    return cpu_kernels.attention, cpu_kernels.matmul
   lanes, sums = tiling
   with open(os.path.join(os.path.dirname(cpu_kernels.__file__), cpu_kernels.SOURCE), 'rb') as f:
     source = (f'#define GQA_T5X_VECTOR_FLOATS {lanes}\n#define GQA_T5X_TILE_SUMS {sums}\n'.encode()
               + f.read())
   handlers = ctypes.CDLL(cpu_kernels._build(source))  # pylint: disable=protected-access
-  attention, matmul = f'test_cross_attention_{lanes}x{sums}', f'test_matmul_{lanes}x{sums}'
-  jax.ffi.register_ffi_target(attention, jax.ffi.pycapsule(handlers.GqaCrossAttention),
+  attention, matmul = f'test_attention_{lanes}x{sums}', f'test_matmul_{lanes}x{sums}'
+  jax.ffi.register_ffi_target(attention, jax.ffi.pycapsule(handlers.GqaAttention),
                               platform='cpu')
   jax.ffi.register_ffi_target(matmul, jax.ffi.pycapsule(handlers.GqaMatmul), platform='cpu')
   return (lambda q, *rest: jax.ffi.ffi_call(attention, jax.ShapeDtypeStruct(q.shape, q.dtype))(
@@ -77,17 +79,22 @@ def tiled_kernels(tiling):
     (2, 3, 5, 12, 37),    # tails everywhere
     (1, 2, 3, 7, 5),      # fewer keys than one vector
 ])
-def test_kernel_matches_float64_softmax_attention(b, k, g, d, s, tiling):
+@pytest.mark.parametrize('per_head', [False, True], ids=['padding-bias', 'per-head-bias'])
+def test_kernel_matches_float64_softmax_attention(b, k, g, d, s, tiling, per_head):
   rng = np.random.default_rng(s)
   # Scores of unit scale, as T5's depth-scaled query init gives: unscaled, at head dim 64 they
   # reach +-30 and float32 scores alone are 5e-6 off (in either layout).
   q = (rng.normal(size=(b, k, g, d)) / np.sqrt(d)).astype(np.float32)
   keys = rng.normal(size=(b, k, d, s)).astype(np.float32)
   values = rng.normal(size=(b, k, d, s)).astype(np.float32)
-  bias = np.where(rng.random((b, s)) < 0.3, -1e10, 0.0).astype(np.float32)
-  bias[:, 0] = 0  # every row attends somewhere
+  # Cross-attention's encoder padding (one row for every head), or self-attention's relative
+  # position bias and causal mask (a row per head).
+  shape = (b, k, g, s) if per_head else (b, s)
+  bias = np.where(rng.random(shape) < 0.3, -1e10, rng.normal(size=shape) if per_head else 0.0)
+  bias = bias.astype(np.float32)
+  bias[..., 0] = 0  # every row attends somewhere
   got = jax.jit(tiled_kernels(tiling)[0])(q, keys, values, bias)
-  np.testing.assert_allclose(got, numpy_cross_attention(q, keys, values, bias), rtol=2e-5,
+  np.testing.assert_allclose(got, numpy_attention(q, keys, values, bias), rtol=2e-5,
                              atol=2e-6)
 
 
@@ -141,8 +148,8 @@ def test_masked_keys_weigh_nothing_and_a_fully_masked_row_averages_all(g):
   bias = np.zeros((b, s), np.float32)
   bias[0, 20:] = -1e10  # row 0: only the first 20 keys; row 1 all masked (XLA: uniform weights)
   bias[1, :] = -1e10
-  got = np.asarray(jax.jit(cpu_kernels.cross_attention)(q, keys, values, bias))
-  np.testing.assert_allclose(got[0], numpy_cross_attention(
+  got = np.asarray(jax.jit(cpu_kernels.attention)(q, keys, values, bias))
+  np.testing.assert_allclose(got[0], numpy_attention(
       q[:1], keys[:1, ..., :20], values[:1, ..., :20], bias[:1, :20])[0], rtol=2e-5, atol=2e-6)
   np.testing.assert_allclose(got[1], np.broadcast_to(values[1].mean(-1)[:, None, :], (k, g, d)),
                              rtol=2e-5, atol=2e-6)
@@ -167,13 +174,13 @@ def test_greedy_decode_with_the_kernels_equals_decode_on_einsums(kv_heads):
   compiled = greedy_decode.lower(model, params, tokens, max_decode_length=9).compile()
   reference_compiled = greedy_decode.lower(reference_model, params, tokens,
                                            max_decode_length=9).compile()
-  # The kernel paths are taken: one cross-attention per decoder layer; per layer the query, key,
-  # value and out projections of the self-attention, the query and out projections of the
-  # cross-attention, the MLP's three kernels, and the logits and their argmax once: counted in
-  # the loop's steps.
+  # The kernel paths are taken: the self- and the cross-attention of each decoder layer; per
+  # layer the query, key, value and out projections of the self-attention, the query and out
+  # projections of the cross-attention, the MLP's three kernels, and the logits and their argmax
+  # once: counted in the loop's steps.
   text = compiled.as_text()
   assert text.count(f'custom_call_target="{cpu_kernels.ARGMAX_TARGET}"') >= 1
-  assert text.count(f'custom_call_target="{cpu_kernels.CROSS_ATTENTION_TARGET}"') >= 2
+  assert text.count(f'custom_call_target="{cpu_kernels.ATTENTION_TARGET}"') >= 2 * 2
   assert text.count(f'custom_call_target="{cpu_kernels.MATMUL_TARGET}"') >= 2 * 9 + 1
   assert 'custom_call_target="gqa_t5x' not in reference_compiled.as_text()
   np.testing.assert_array_equal(compiled(params, tokens), reference_compiled(params, tokens))
@@ -183,7 +190,7 @@ def test_bfloat16_decode_keeps_the_einsums_but_for_the_float32_logits():
   model, params, tokens = _decode_setup(True, 2)
   bf16 = Transformer(dataclasses.replace(model.config, dtype=jnp.bfloat16))
   text = greedy_decode.lower(bf16, params, tokens, max_decode_length=5).compile().as_text()
-  assert cpu_kernels.CROSS_ATTENTION_TARGET not in text
+  assert cpu_kernels.ATTENTION_TARGET not in text
   calls = [line for line in text.splitlines() if cpu_kernels.MATMUL_TARGET in line]
   assert calls and all('f32[32,67]' in line for line in calls)  # only the [emb, vocab] logits
 
@@ -239,9 +246,9 @@ def test_without_a_compiler_decode_warns_once_and_uses_the_einsums(tmp_path):
   script = (
       'import jax, jax.numpy as jnp\n'
       'from gqa_t5x import cpu_kernels\n'
-      'from gqa_t5x.attention import cached_cross_attention\n'
+      'from gqa_t5x.attention import cached_attention\n'
       'x = jnp.ones((1, 1, 1, 2, 4)); kv = jnp.ones((1, 1, 4, 16))\n'
-      'out = jax.jit(cached_cross_attention)(x, kv, kv, None)\n'
+      'out = jax.jit(cached_attention)(x, kv, kv, None)\n'
       'print(cpu_kernels.available(), float(out.sum()))\n')
   env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'),
              GQA_T5X_KERNEL_CACHE=str(tmp_path / 'cache'), PYTHONPATH=ROOT)

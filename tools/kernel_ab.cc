@@ -94,7 +94,8 @@ std::vector<Case> MatmulCases(int threads) {
   return cases;
 }
 
-// The cross-attention over `items` (batch x kv heads) of g query heads, head dim 64, 2048 keys.
+// The cross-attention (one bias row for every head) over `items` (batch x kv heads) of g query
+// heads, head dim 64, 2048 keys.
 std::vector<Case> AttentionCases(int threads, int64_t g, int64_t items) {
   const int64_t D = 64, S = 2048;
   auto q = std::make_shared<std::vector<float>>(Random(items * g * D));
@@ -111,8 +112,8 @@ std::vector<Case> AttentionCases(int threads, int64_t g, int64_t items) {
                  const float* ki = k->data() + i * D * S;
                  const float* vi = val->data() + i * D * S;
                  float* oi = (*out)[v].data() + i * g * D;
-                 if (v == 0) va::CrossAttentionItem(qi, ki, vi, bias->data(), oi, g, D, S);
-                 else vb::CrossAttentionItem(qi, ki, vi, bias->data(), oi, g, D, S);
+                 if (v == 0) va::AttentionItem(qi, ki, vi, bias->data(), 0, oi, g, D, S);
+                 else vb::AttentionItem(qi, ki, vi, bias->data(), 0, oi, g, D, S);
                }
              });
            },

@@ -51,6 +51,9 @@ def namespaced(text: str, name: str) -> str:
   cut = text.find('\nXLA_FFI_DEFINE_HANDLER_SYMBOL')
   if not count or cut < 0:
     fail(f'{KERNEL} no longer has the anonymous namespace and FFI handlers this tool expects')
+  if 'void AttentionItem(' not in text:
+    fail(f'this version of {KERNEL} predates AttentionItem(..., bias_stride, ...), which '
+         'tools/kernel_ab.cc calls: compare versions from the commit that added it on')
   if 'int64_t StripWidth(' not in text:
     fail(f'this version of {KERNEL} predates StripWidth and MatmulStrip(..., n0, n1), which '
          'tools/kernel_ab.cc calls: compare versions from the commit that added them on')

@@ -6,11 +6,11 @@ cache's grouped products ([H/G, d] x [d, s] per batch and kv head) at a third of
 bandwidth, and the weights' few-row products at a third to a half (docs/benchmarks.md), which
 kept GQA's measured speed-up at half of what its bytes allow. decode_step.cc has two kernels,
 each streaming its large operand once on all cores (XLA's intra-op thread pool):
-- cross_attention: scores, softmax and the value mix per (batch, kv head) in one pass;
+- attention: scores, softmax and the value mix per (batch, kv head) in one pass;
 - matmul: x [m, k] @ w [k, n] for a few rows m, the weight read in column strips;
 - argmax: each row's first maximum, for greedy decoding over the vocabulary.
 
-`gqa_t5x.attention.cached_cross_attention`, `gqa_t5x.layers.step_dense` and
+`gqa_t5x.attention.cached_attention`, `gqa_t5x.layers.step_dense` and
 `gqa_t5x.decoding.first_argmax` call them through `on_cpu`, which keeps XLA's ops on other
 platforms and wherever the kernels cannot be built. The library is compiled with the system C++
 compiler on first use and kept in a cache keyed by source, jaxlib and CPU; without a compiler a
@@ -34,7 +34,7 @@ import jaxlib
 Array = jax.Array
 
 SOURCE = 'decode_step.cc'
-CROSS_ATTENTION_TARGET = 'gqa_t5x_cross_attention'
+ATTENTION_TARGET = 'gqa_t5x_attention'
 MATMUL_TARGET = 'gqa_t5x_matmul'
 ARGMAX_TARGET = 'gqa_t5x_argmax'
 _FLAGS = ('-O3', '-march=native', '-shared', '-fPIC', '-std=c++17')
@@ -101,10 +101,10 @@ def available() -> bool:
   except (OSError, RuntimeError) as e:
     logging.warning('gqa_t5x CPU decode kernel unavailable, using XLA ops instead: %s', e)
     return False
-  jax.ffi.register_ffi_target(CROSS_ATTENTION_TARGET,
-                              jax.ffi.pycapsule(library.GqaCrossAttention), platform='cpu')
+  jax.ffi.register_ffi_target(ATTENTION_TARGET,
+                              jax.ffi.pycapsule(library.GqaAttention), platform='cpu')
   # Its operands all lead with the batch: a batch-sharded step runs it per shard.
-  jax.ffi.register_ffi_target_as_batch_partitionable(CROSS_ATTENTION_TARGET)
+  jax.ffi.register_ffi_target_as_batch_partitionable(ATTENTION_TARGET)
   # No batch dimension is shared by x and the weight: on a sharded mesh XLA gathers x and runs
   # the product once per device (decode steps are small; a CPU mesh is slower than one device).
   jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(library.GqaMatmul), platform='cpu')
@@ -128,15 +128,15 @@ def _require() -> None:
                        'call them through on_cpu to fall back to XLA\'s ops')
 
 
-def cross_attention(query: Array, keys: Array, values: Array, bias: Array) -> Array:
+def attention(query: Array, keys: Array, values: Array, bias: Array) -> Array:
   """The kernel (CPU only, float32, through on_cpu): one query position of grouped attention over
   a cache, softmax(query . keys + bias) . values.
 
-  query [b, k, g, d]; keys, values [b, k, d, s] (the cache layout); bias [b, s]. Returns
-  [b, k, g, d].
+  query [b, k, g, d]; keys, values [b, k, d, s] (the cache layout); bias [b, s] (one row for
+  every head) or [b, k, g, s]. Returns [b, k, g, d].
   """
   _require()
-  return jax.ffi.ffi_call(CROSS_ATTENTION_TARGET, jax.ShapeDtypeStruct(query.shape, query.dtype),
+  return jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(query.shape, query.dtype),
                           vmap_method='sequential')(query, keys, values, bias)
 
 

@@ -140,12 +140,15 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t total_work, const Bod
   while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
-// ---- One query position of grouped cross-attention over a cache stored [b, G, d, s] ------------
+// ---- One query position of grouped attention over a cache stored [b, G, d, s] ------------------
 //
-// Per (batch, kv head): scores [g, s] = q [g, d] . keys [d, s] + bias [s]; softmax over s;
+// Per (batch, kv head): scores [g, s] = q [g, d] . keys [d, s] + bias; softmax over s;
 // out [g, d] = probabilities [g, s] . values [d, s]. The g = H/G query heads of a group share each
 // key and value vector, so each is loaded once for g multiply-adds. The probabilities stay in a
 // per-thread buffer ([g, s], a few hundred KiB at most), so keys and values are each read once.
+// The bias is one row [s] for every head (cross-attention: the encoder's padding) or a row per
+// head [g, s], bias_stride = s apart (self-attention: T5's relative position bias and the causal
+// mask).
 
 // Access order, measured on a 2-core Xeon (reading 512 KiB [64, 2048] blocks): 8 rows at a time,
 // 128 bytes per row per step and each row prefetched 1 KiB ahead read 30-50% faster than whole
@@ -160,12 +163,13 @@ constexpr int64_t kMixPrefetch = 1024;  // floats ahead in each value row
 
 // p [g, s0:s0 + SV vectors] (+)= q [g, d0:d1] . keys [d0:d1, s0:...] for GB rows (+ bias if first).
 template <int GB, int SV>
-void ScoresTile(const float* q, const float* keys, const float* bias, float* p, int64_t ldp,
-                int64_t D, int64_t S, int64_t g0, int64_t s0, int64_t d0, int64_t d1) {
+void ScoresTile(const float* q, const float* keys, const float* bias, int64_t bias_stride,
+                float* p, int64_t ldp, int64_t D, int64_t S, int64_t g0, int64_t s0, int64_t d0,
+                int64_t d1) {
   Vec acc[GB][SV];
   for (int i = 0; i < GB; ++i) {
     for (int j = 0; j < SV; ++j) {
-      acc[i][j] = d0 == 0 ? Load(bias + s0 + j * kLanes)
+      acc[i][j] = d0 == 0 ? Load(bias + (g0 + i) * bias_stride + s0 + j * kLanes)
                           : Load(p + (g0 + i) * ldp + s0 + j * kLanes);
     }
   }
@@ -187,16 +191,19 @@ void ScoresTile(const float* q, const float* keys, const float* bias, float* p, 
 }
 
 template <int SV>
-void ScoresColumns(const float* q, const float* keys, const float* bias, float* p, int64_t ldp,
-                   int64_t G, int64_t D, int64_t S, int64_t s0, int64_t d0, int64_t d1) {
+void ScoresColumns(const float* q, const float* keys, const float* bias, int64_t bias_stride,
+                   float* p, int64_t ldp, int64_t G, int64_t D, int64_t S, int64_t s0, int64_t d0,
+                   int64_t d1) {
   int64_t g = 0;
   for (; g + kTileHeads <= G; g += kTileHeads) {
-    ScoresTile<kTileHeads, SV>(q, keys, bias, p, ldp, D, S, g, s0, d0, d1);
+    ScoresTile<kTileHeads, SV>(q, keys, bias, bias_stride, p, ldp, D, S, g, s0, d0, d1);
   }
   if constexpr (kTileHeads > 4) {
-    for (; g + 4 <= G; g += 4) ScoresTile<4, SV>(q, keys, bias, p, ldp, D, S, g, s0, d0, d1);
+    for (; g + 4 <= G; g += 4) {
+      ScoresTile<4, SV>(q, keys, bias, bias_stride, p, ldp, D, S, g, s0, d0, d1);
+    }
   }
-  for (; g < G; ++g) ScoresTile<1, SV>(q, keys, bias, p, ldp, D, S, g, s0, d0, d1);
+  for (; g < G; ++g) ScoresTile<1, SV>(q, keys, bias, bias_stride, p, ldp, D, S, g, s0, d0, d1);
 }
 
 // out [g, d] = p [g, :] . values [d, :] / sum for GB probability rows and DB value rows, over
@@ -260,15 +267,19 @@ constexpr int kHeadVectors = kTileSums >= 24 ? 4 : 3;
 template <int V>
 constexpr int kHeadTileRows = kTileSums / V;
 
-// pt [s0:s0 + T, heads v0:v0 + V vectors] = bias [s] + keys [:, s] . qt [:, heads], and mx, the
-// heads' running maximum, raised to them.
+// pt [s0:s0 + T, heads v0:v0 + V vectors] = bias + keys [:, s] . qt [:, heads], and mx, the
+// heads' running maximum, raised to them. The bias is bias [s], or what pt holds if biased_pt (a
+// per-head bias, already moved there).
 template <int T, int V>
 inline void HeadScoresTile(const float* qt, int64_t G, const float* keys, const float* bias,
-                           float* pt, float* mx, int64_t D, int64_t S, int64_t s0, int64_t v0) {
+                           bool biased_pt, float* pt, float* mx, int64_t D, int64_t S, int64_t s0,
+                           int64_t v0) {
   Vec acc[T][V];
   for (int i = 0; i < T; ++i) {
-    const Vec b = Splat(bias[s0 + i]);
-    for (int j = 0; j < V; ++j) acc[i][j] = b;
+    const Vec b = Splat(biased_pt ? 0.0f : bias[s0 + i]);
+    for (int j = 0; j < V; ++j) {
+      acc[i][j] = biased_pt ? Load(pt + (s0 + i) * G + (v0 + j) * kLanes) : b;
+    }
   }
   for (int64_t d = 0; d < D; ++d) {
     Vec qv[V];
@@ -349,9 +360,9 @@ inline void HeadVectors(int64_t GV, const Body& body) {
   if (GV - v == 1) body(std::integral_constant<int, 1>{}, v);
 }
 
-void CrossAttentionHeadsAlongVectors(const float* q, const float* keys, const float* values,
-                                     const float* bias, float* out, int64_t G, int64_t D,
-                                     int64_t S) {
+void AttentionHeadsAlongVectors(const float* q, const float* keys, const float* values,
+                                     const float* bias, int64_t bias_stride, float* out, int64_t G,
+                                     int64_t D, int64_t S) {
   const int64_t GV = G / kLanes;
   // Scratch: probabilities pt [S, G], qt [D, G] (q transposed), ot [D, G] (out transposed), the
   // heads' maxima and sums [G].
@@ -362,12 +373,15 @@ void CrossAttentionHeadsAlongVectors(const float* q, const float* keys, const fl
   float* sum = mx + G;
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t d = 0; d < D; ++d) qt[d * G + g] = q[g * D + d];
+    if (bias_stride) {
+      for (int64_t s = 0; s < S; ++s) pt[s * G + g] = bias[g * bias_stride + s];
+    }
     mx[g] = -INFINITY;
     sum[g] = 0;
   }
   HeadVectors(GV, [&](auto v, int64_t v0) {
     HeadRows<v>(S, [&](auto t, int64_t s0) {
-      HeadScoresTile<t, v>(qt, G, keys, bias, pt, mx, D, S, s0, v0);
+      HeadScoresTile<t, v>(qt, G, keys, bias, bias_stride != 0, pt, mx, D, S, s0, v0);
     });
   });
   for (int64_t c0 = 0; c0 < S; c0 += kMixChunk) {
@@ -395,10 +409,11 @@ void CrossAttentionHeadsAlongVectors(const float* q, const float* keys, const fl
   }
 }
 
-void CrossAttentionItem(const float* q, const float* keys, const float* values,
-                        const float* bias, float* out, int64_t G, int64_t D, int64_t S) {
+void AttentionItem(const float* q, const float* keys, const float* values,
+                        const float* bias, int64_t bias_stride, float* out, int64_t G, int64_t D,
+                        int64_t S) {
   if (G % kLanes == 0 && G >= kHeadsAlongVectorsMinGroup && D <= kHeadsAlongVectorsMaxDim) {
-    CrossAttentionHeadsAlongVectors(q, keys, values, bias, out, G, D, S);
+    AttentionHeadsAlongVectors(q, keys, values, bias, bias_stride, out, G, D, S);
     return;
   }
   // Probability rows padded to whole, aligned vectors and one vector more: p [g, ldp], then 1 /
@@ -417,15 +432,15 @@ void CrossAttentionItem(const float* q, const float* keys, const float* values,
     const int64_t d1 = std::min(d0 + score_rows, D);
     int64_t s0 = 0;
     for (; s0 + 3 * kLanes <= S; s0 += 3 * kLanes) {
-      ScoresColumns<3>(q, keys, bias, p, ldp, G, D, S, s0, d0, d1);
+      ScoresColumns<3>(q, keys, bias, bias_stride, p, ldp, G, D, S, s0, d0, d1);
     }
     for (; s0 + kLanes <= S; s0 += kLanes) {
-      ScoresColumns<1>(q, keys, bias, p, ldp, G, D, S, s0, d0, d1);
+      ScoresColumns<1>(q, keys, bias, bias_stride, p, ldp, G, D, S, s0, d0, d1);
     }
   }
   for (int64_t s0 = s_vec; s0 < S; ++s0) {
     for (int64_t g = 0; g < G; ++g) {
-      float s = bias[s0];
+      float s = bias[g * bias_stride + s0];
       for (int64_t d = 0; d < D; ++d) s += q[g * D + d] * keys[d * S + s0];
       p[g * ldp + s0] = s;
     }
@@ -466,17 +481,19 @@ void CrossAttentionItem(const float* q, const float* keys, const float* values,
   for (; g < G; ++g) MixRows<1, 8>(p, ldp, values, out, D, S, s_vec, g, inv_sum);
 }
 
-ffi::Error CrossAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
                               ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = keys.dimensions(), vd = values.dimensions();
   const auto bd = bias.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || bd.size() != 2 ||
+  const bool per_head = bd.size() == 4;  // [b, k, g, s], else one row for every head [b, s]
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || (bd.size() != 2 && !per_head) ||
       !std::equal(kd.begin(), kd.end(), vd.begin()) || kd[0] != qd[0] || kd[1] != qd[1] ||
-      kd[2] != qd[3] || bd[0] != qd[0] || bd[1] != kd[3]) {
+      kd[2] != qd[3] || bd[0] != qd[0] || bd[bd.size() - 1] != kd[3] ||
+      (per_head && (bd[1] != qd[1] || bd[2] != qd[2]))) {
     return ffi::Error::InvalidArgument(
-        "gqa_t5x_cross_attention expects q [b, k, g, d], keys and values [b, k, d, s], "
-        "bias [b, s]");
+        "gqa_t5x_attention expects q [b, k, g, d], keys and values [b, k, d, s], "
+        "bias [b, s] or [b, k, g, s]");
   }
   const int64_t B = qd[0], KH = qd[1], G = qd[2], D = qd[3], S = kd[3];
   const float* qp = q.typed_data();
@@ -485,8 +502,9 @@ ffi::Error CrossAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const float* bp = bias.typed_data();
   float* op = out->typed_data();
   ParallelFor(pool, B * KH, B * KH * G * D * S, [&](int64_t item) {
-    CrossAttentionItem(qp + item * G * D, kp + item * D * S, vp + item * D * S,
-                       bp + item / KH * S, op + item * G * D, G, D, S);
+    AttentionItem(qp + item * G * D, kp + item * D * S, vp + item * D * S,
+                       bp + (per_head ? item * G : item / KH) * S, per_head ? S : 0,
+                       op + item * G * D, G, D, S);
   });
   return ffi::Error::Success();
 }
@@ -589,7 +607,7 @@ void MatmulStrip(const float* x, int64_t M, int64_t K, const float* w, int64_t N
                  int64_t n0, int64_t n1) {
   const int64_t nv = (n1 - n0) / kLanes, width = nv * kLanes;
   // The sums' rows one vector longer than the strip: 1024 floats apart they would share L1 sets
-  // (as ldp in CrossAttentionItem). The logits ran 7% faster on one Zen 4 core.
+  // (as ldp in AttentionItem). The logits ran 7% faster on one Zen 4 core.
   const int64_t ld = width + kLanes;
   for (int64_t m0 = 0; nv && m0 < M; m0 += kStripRows) {
     const int64_t rows = std::min(kStripRows, M - m0);
@@ -691,7 +709,7 @@ ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaCrossAttention, CrossAttentionImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaAttention, AttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
