@@ -4,7 +4,7 @@ Why: a decode step at serving batch sizes is memory-bound: it reads the cross-at
 (2 G d s floats per sample) and every weight once. XLA:CPU's libraries (YNNPACK, Eigen) run the
 cache's grouped products ([H/G, d] x [d, s] per batch and kv head) at a third of the read
 bandwidth, and the weights' few-row products at a third to a half (docs/benchmarks.md), which
-kept GQA's measured speed-up at half of what its bytes allow. decode_step.cc has two kernels,
+kept GQA's measured speed-up at half of what its bytes allow. decode_step.cc has three kernels,
 each streaming its large operand once on all cores (XLA's intra-op thread pool):
 - attention: scores, softmax and the value mix per (batch, kv head) in one pass;
 - matmul: x [m, k] @ w [k, n] for a few rows m, the weight read in column strips;
