@@ -669,7 +669,8 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // Greedy decoding's argmax over the vocabulary: XLA:CPU's (value, index) reduction took 1.1 ms
 // for T5's [16, 32128] logits and a max then a min index 0.6 ms; a row is 128 KiB, so a vector
 // max and a second pass over the row, still in L2, for the first position that equals it take
-// a fraction of that.
+// a fraction of that. The second pass a vector at a time: T5's logits 87-90 against 61 us per
+// jitted call, scalar against vector (2-core Xeon).
 int32_t FirstArgmax(const float* row, int64_t n) {
   const int64_t n_vec = n / kLanes * kLanes;
   float top = -INFINITY;
@@ -688,7 +689,17 @@ int32_t FirstArgmax(const float* row, int64_t n) {
     nan = nan || row[i] != row[i];
     top = row[i] > top ? row[i] : top;
   }
-  for (int64_t i = 0; i < n; ++i) {
+  // The first position holding it, a vector at a time: the lanes that match, the lowest of them.
+  const Vec target = Splat(top);
+  int64_t i = 0;
+  for (; i < n_vec; i += kLanes) {
+    const Vec x = Load(row + i);
+    const UVec hit = nan ? x != x : x == target;
+    for (int j = 0; j < kLanes; ++j) {
+      if (hit[j]) return static_cast<int32_t>(i + j);
+    }
+  }
+  for (; i < n; ++i) {
     if (nan ? row[i] != row[i] : row[i] == top) return static_cast<int32_t>(i);
   }
   return 0;  // every entry -inf: the first, as numpy
