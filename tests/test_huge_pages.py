@@ -1,6 +1,5 @@
 """gqa_t5x.huge_pages: the weights keep their values, and the kernel's own accounting
 (/proc/self/smaps) holds at least the huge pages apply() reports."""
-
 import jax
 import jax.numpy as jnp
 import numpy as np
