@@ -68,7 +68,8 @@ def grouped_attention(query: Array, keys: Array, values: Array, bias: Array | No
 
 def cached_attention(query: Array, keys: Array, values: Array, bias: Array | None) -> Array:
   """grouped_attention for one float32 query position over a key/value cache: query
-  [b, 1, k, g, d], keys and values [b, k, d, s], bias broadcastable to [b, k, g, 1, s] or None.
+  [b, 1, k, g, d], keys and values [b, k, d, s], bias [b or 1, k or 1, g or 1, 1, s] (as
+  mask_to_bias makes it) or None.
 
   Why: a decode step's cross-attention reads the whole cross-attention cache, the step's largest
   read, and its self-attention is a few small products that XLA:CPU runs as several ops. On CPU
@@ -219,7 +220,7 @@ class GroupedQueryAttention(nn.Module):
     elif self.cross_attention:
       # T5X creates the cache from dummy inputs and passes the encoder output at every step:
       # project it at the first step only. (The cond costs a copy of the cache per step on CPU;
-      # gqa_t5x.decoding passes inputs_kv=None after the first step instead.)
+      # gqa_t5x.decoding fills the cache before the first step and then passes inputs_kv=None.)
       keys, values = jax.lax.cond(
           cache_index.value == 0, lambda: project_kv(inputs_kv, into_cache_layout=True),
           lambda: (cached_key.value, cached_value.value))

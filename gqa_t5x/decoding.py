@@ -42,7 +42,8 @@ def prefill_chunk(batch: int, length: int, emb_dim: int, itemsize: int) -> int:
 
 def prefill(model: Transformer, params, encoder_input_tokens: Array, max_decode_length: int):
   """The decode cache with every cross-attention cache filled from the encoder, a chunk of
-  samples at a time on CPU (prefill_chunk), the whole batch at once elsewhere."""
+  samples at a time on one CPU device (prefill_chunk); the whole batch at once elsewhere, and
+  under a mesh of several devices, whose batch shards the chunks would cut across."""
   def fill(tokens):
     encoded = model.apply({'params': params}, tokens, enable_dropout=False,
                           method=Transformer.encode)
@@ -52,7 +53,7 @@ def prefill(model: Transformer, params, encoder_input_tokens: Array, max_decode_
 
   batch, length = encoder_input_tokens.shape
   chunk = batch
-  if jax.default_backend() == 'cpu':
+  if jax.default_backend() == 'cpu' and jax.sharding.get_abstract_mesh().size <= 1:
     chunk = prefill_chunk(batch, length, model.config.emb_dim,
                           jnp.dtype(model.config.dtype).itemsize)
   if chunk == batch:

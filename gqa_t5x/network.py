@@ -42,8 +42,8 @@ class T5Config:
   num_decoder_cross_kv_heads: int | None = None
   num_relpos_buckets: int = 32
   relpos_max_distance: int = 128
-  # Cached float32 decode steps on CPU run their cross-attention, projections, MLP and logits
-  # with gqa_t5x.cpu_kernels; False keeps XLA's ops. Both agree to float32 rounding.
+  # Cached float32 decode steps on CPU run their self- and cross-attention, projections, MLP and
+  # logits with gqa_t5x.cpu_kernels; False keeps XLA's ops. Both agree to float32 rounding.
   cpu_decode_kernels: bool = True
 
   def __post_init__(self):
@@ -237,8 +237,9 @@ class Transformer(nn.Module):
              max_decode_length: int | None = None) -> Array:
     """Decoder logits [b, t, vocab]; with decode=True, one cached step ([b, 1] -> [b, 1, vocab]).
 
-    In a cached step after the first, encoded=None reads the cross-attention keys/values the first
-    step projected (T5X passes `encoded` every time, which works too).
+    In a cached step, encoded=None reads the cross-attention keys/values that
+    fill_cross_attention_cache or the first step projected (T5X passes `encoded` every time,
+    which works too).
     """
     del decoder_positions  # relative positions come from token order, as in T5X's T5.1.1.
     if decode:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gqa_t5x import cpu_kernels
 from gqa_t5x.attention import GroupedQueryAttention
 from tests import reference
 
@@ -185,6 +186,30 @@ def test_decode_step_never_materialises_kv_repeated_to_all_heads(num_kv_heads):
   # values repeated to H heads would be [b, H, d, s].
   assert largest == max(b * num_kv_heads * D * length, b * H * length)
   assert largest < b * H * D * length
+
+
+@pytest.mark.parametrize('cross', [False, True], ids=['self-attention', 'cross-attention'])
+def test_a_decode_step_with_dropout_drops_in_the_einsums_and_without_runs_the_kernel(cross):
+  x_q, x_kv, _, _ = _inputs(seed=6, b=2, t=1, s=9)
+  layer = GroupedQueryAttention(H, 2, D, cross_attention=cross, dropout_rate=0.5)
+  created = (x_q, x_kv) if cross else (x_kv, x_kv)  # self-attention: a cache of 9 positions
+  params = layer.init(jax.random.PRNGKey(0), *created)['params']
+  _, state = layer.apply({'params': params}, *created, decode=True, mutable=['cache'])
+  filled = layer.apply({'params': params, 'cache': state['cache']}, *((None, x_kv) if cross else
+                                                                       (x_q, x_q)),
+                       decode=True, mutable=['cache'])[1]['cache']
+  inputs_kv = None if cross else x_q
+
+  def step(deterministic):
+    return jax.jit(lambda c, x: layer.apply(
+        {'params': params, 'cache': c}, x, inputs_kv, decode=True, mutable=['cache'],
+        deterministic=deterministic, rngs={'dropout': jax.random.PRNGKey(1)})[0])
+
+  kernel = cpu_kernels.ATTENTION_TARGET
+  assert (kernel in step(True).lower(filled, x_q).compile().as_text()) == cpu_kernels.available()
+  assert kernel not in step(False).lower(filled, x_q).compile().as_text()
+  kept, dropped = step(True)(filled, x_q), step(False)(filled, x_q)
+  assert np.abs(np.asarray(kept) - np.asarray(dropped)).max() > 1e-3
 
 
 def test_dropout_mask_is_shared_across_queries_and_drawn_per_key():

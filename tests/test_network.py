@@ -162,11 +162,19 @@ def test_greedy_decode_equals_uncached_argmax_loop_and_stops_at_eos(self_kv, cro
 
 def test_greedy_decode_prefilling_a_sample_at_a_time_equals_uncached_argmax_loop(monkeypatch):
   monkeypatch.setattr(decoding, 'PREFILL_CHUNK_BYTES', 1)  # one sample per chunk
+  jax.clear_caches()  # greedy_decode is traced anew, with the patched budget
   cfg = tiny(2, 1)
   enc, dec_in, targets = batch(seed=6, b=3)
   params = init(cfg, enc, dec_in, targets, seed=4)['params']
+  loops = lambda: greedy_decode.lower(Transformer(cfg), params, enc, 7, eos_id=-1).as_text().count(
+      'stablehlo.while')
+  assert loops() == 2  # the prefill's chunks, then the steps
   np.testing.assert_array_equal(greedy_decode(Transformer(cfg), params, enc, 7, eos_id=-1),
                                 naive_greedy(cfg, params, enc, 7))
+  # Under a mesh of several devices the batch's shards stay whole: one prefill, no chunks.
+  jax.clear_caches()
+  with jax.set_mesh(Mesh(np.asarray(jax.devices()), ('data',))):
+    assert loops() == 1
 
 
 @pytest.mark.parametrize('batch_size,length,emb,itemsize,want', [

@@ -17,7 +17,7 @@ def build(g: Geometry, dtype, seed: int = 0, weights_on_huge_pages: bool = True)
   """Returns (run, peak_bytes): run() times one step at the last output position, blocking.
 
   The self-attention cache holds output_length positions (the step writes the last one); the
-  cross-attention cache is already projected (cache_index 1), as after a decode's first step.
+  cross-attention cache is already projected (cache_index 1), as after a decode's prefill.
   The weights (not the caches, a decode's temporaries) go onto huge pages as in decode.build.
   """
   attention = lambda cross: GroupedQueryAttention(

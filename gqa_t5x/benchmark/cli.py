@@ -46,7 +46,7 @@ _DEVICE = flags.DEFINE_string('device', '', 'JAX platform to run on (cpu, gpu, t
                               'default: JAX default backend.')
 _XLA_ROWS = flags.DEFINE_boolean(
     'xla_rows', False, 'Also time each G\'s decode with T5Config.cpu_decode_kernels=False (XLA\'s '
-    'einsums for the cross-attention), beside the rows with the CPU kernel (implementation '
+    'ops where the CPU kernels would run), beside the rows with the kernels (implementation '
     'gqa_t5x_xla).')
 _HUGE_PAGES = flags.DEFINE_boolean(
     'huge_pages', True, 'Move the weights onto transparent huge pages (gqa_t5x.huge_pages; '

@@ -361,8 +361,8 @@ inline void HeadVectors(int64_t GV, const Body& body) {
 }
 
 void AttentionHeadsAlongVectors(const float* q, const float* keys, const float* values,
-                                     const float* bias, int64_t bias_stride, float* out, int64_t G,
-                                     int64_t D, int64_t S) {
+                                const float* bias, int64_t bias_stride, float* out, int64_t G,
+                                int64_t D, int64_t S) {
   const int64_t GV = G / kLanes;
   // Scratch: probabilities pt [S, G], qt [D, G] (q transposed), ot [D, G] (out transposed), the
   // heads' maxima and sums [G].
@@ -409,9 +409,8 @@ void AttentionHeadsAlongVectors(const float* q, const float* keys, const float* 
   }
 }
 
-void AttentionItem(const float* q, const float* keys, const float* values,
-                        const float* bias, int64_t bias_stride, float* out, int64_t G, int64_t D,
-                        int64_t S) {
+void AttentionItem(const float* q, const float* keys, const float* values, const float* bias,
+                   int64_t bias_stride, float* out, int64_t G, int64_t D, int64_t S) {
   if (G % kLanes == 0 && G >= kHeadsAlongVectorsMinGroup && D <= kHeadsAlongVectorsMaxDim) {
     AttentionHeadsAlongVectors(q, keys, values, bias, bias_stride, out, G, D, S);
     return;
@@ -482,8 +481,8 @@ void AttentionItem(const float* q, const float* keys, const float* values,
 }
 
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                              ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
-                              ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out) {
+                         ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+                         ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = keys.dimensions(), vd = values.dimensions();
   const auto bd = bias.dimensions();
   const bool per_head = bd.size() == 4;  // [b, k, g, s], else one row for every head [b, s]
