@@ -26,7 +26,7 @@ FLAGS_READ = {
                           'num_decoder_layers', 'num_encoder_layers', 'input_length',
                           'output_length', 'batch', 'dtypes', 'device', 'peer', 'peer_device',
                           'warmup', 'reps', 'bandwidth_mib', 'matmul_n', 'rate_settle_s',
-                          'kv_heads', 'seed', 'output_dir', 'xla_rows'},
+                          'kv_heads', 'seed', 'output_dir', 'xla_rows', 'huge_pages'},
     'gqa-t5x-reproduce': {'preset', 'output_dir', 'dry_run'},
 }
 TINY = ['--gin_file=models/t5_1_1/tiny.gin', '--gin.VOCAB_SIZE=1152',
