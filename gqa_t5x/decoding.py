@@ -29,15 +29,20 @@ def init_cache(model: Transformer, params, encoder_input_tokens: Array, max_deco
 # d_model 512; one process, calls alternated): the prefill in chunks of 2 samples (8 MiB) took
 # 29.0 ms at G = 1 against 31.1 and 39.4 in chunks of 1 and 4; 47.5 at G = 2 against 103 and 58.5;
 # 171 at G = 8 against 222, 183 and 179 (the whole batch); at G = 64 1359 against 1314 (whole).
+# Later, in a slower phase of the machine: chunks of 1 against the whole batch 110 against 82 ms
+# at G = 2, 43.2 against 59.7 at G = 1.
 PREFILL_CHUNK_BYTES = 8 << 20
 
 
 def prefill_chunk(batch: int, length: int, emb_dim: int, itemsize: int) -> int:
-  """The largest divisor of `batch` whose encoder output fits PREFILL_CHUNK_BYTES (at least 1)."""
+  """The largest divisor of `batch` whose encoder output fits PREFILL_CHUNK_BYTES; the whole
+  batch where that is a single sample (a prime batch, or samples of 8 MiB and more): one sample at
+  a time was 1.2-1.3x slower than the whole batch where the cache is wider than 64 columns (G = 2
+  and 8 above; 43.2 against 59.7 ms at G = 1)."""
   chunk = batch
   while chunk > 1 and (batch % chunk or chunk * length * emb_dim * itemsize > PREFILL_CHUNK_BYTES):
     chunk -= 1
-  return chunk
+  return chunk if chunk > 1 else batch
 
 
 def prefill(model: Transformer, params, encoder_input_tokens: Array, max_decode_length: int):

@@ -160,11 +160,11 @@ def test_greedy_decode_equals_uncached_argmax_loop_and_stops_at_eos(self_kv, cro
     assert not row[stop:].any()
 
 
-def test_greedy_decode_prefilling_a_sample_at_a_time_equals_uncached_argmax_loop(monkeypatch):
-  monkeypatch.setattr(decoding, 'PREFILL_CHUNK_BYTES', 1)  # one sample per chunk
+def test_greedy_decode_prefilling_in_chunks_equals_uncached_argmax_loop(monkeypatch):
+  monkeypatch.setattr(decoding, 'PREFILL_CHUNK_BYTES', 2 * 9 * 32 * 4)  # two [9, 32] samples
   jax.clear_caches()  # greedy_decode is traced anew, with the patched budget
   cfg = tiny(2, 1)
-  enc, dec_in, targets = batch(seed=6, b=3)
+  enc, dec_in, targets = batch(seed=6, b=4)
   params = init(cfg, enc, dec_in, targets, seed=4)['params']
   loops = lambda: greedy_decode.lower(Transformer(cfg), params, enc, 7, eos_id=-1).as_text().count(
       'stablehlo.while')
@@ -179,9 +179,10 @@ def test_greedy_decode_prefilling_a_sample_at_a_time_equals_uncached_argmax_loop
 
 @pytest.mark.parametrize('batch_size,length,emb,itemsize,want', [
     (16, 2048, 512, 4, 2),  # 4 MiB per sample: two fit in 8 MiB
-    (16, 2048, 4096, 4, 1),  # 32 MiB per sample: never below one
     (8, 256, 128, 4, 8),  # the whole batch fits
     (10, 2048, 256, 4, 2),  # 2 MiB per sample: 4 would fit, but neither 4 nor 3 divides 10
+    (16, 2048, 4096, 4, 16),  # 32 MiB per sample: not one at a time, the whole batch
+    (13, 2048, 512, 4, 13),  # a prime batch: no chunk but 1, so the whole batch
 ])
 def test_prefill_chunk_is_the_largest_divisor_of_the_batch_within_the_byte_budget(
     batch_size, length, emb, itemsize, want):
