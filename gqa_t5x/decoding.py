@@ -38,7 +38,7 @@ def prefill_chunk(batch: int, length: int, emb_dim: int, itemsize: int) -> int:
   """The largest divisor of `batch` whose encoder output fits PREFILL_CHUNK_BYTES; the whole
   batch where that is a single sample (a prime batch, or samples of 8 MiB and more): one sample at
   a time was 1.2-1.3x slower than the whole batch where the cache is wider than 64 columns (G = 2
-  and 8 above; 43.2 against 59.7 ms at G = 1)."""
+  and 8 above), though faster at G = 1 (43.2 against 59.7 ms)."""
   chunk = batch
   while chunk > 1 and (batch % chunk or chunk * length * emb_dim * itemsize > PREFILL_CHUNK_BYTES):
     chunk -= 1
@@ -64,10 +64,9 @@ def prefill(model: Transformer, params, encoder_input_tokens: Array, max_decode_
   if chunk == batch:
     return fill(encoder_input_tokens)
   chunks = jax.lax.map(fill, encoder_input_tokens.reshape(batch // chunk, chunk, length))
-  full = jax.eval_shape(fill, encoder_input_tokens)
-  # Per-sample leaves [n, chunk, ...] back to [batch, ...]; the cache indices, equal in every chunk,
-  # once.
-  return jax.tree.map(lambda x, s: x[0] if s.ndim == 0 else x.reshape(s.shape), chunks, full)
+  # Per-sample leaves [n, chunk, ...] back to [batch, ...]; the cache indices ([n], equal in every
+  # chunk) once.
+  return jax.tree.map(lambda x: x[0] if x.ndim == 1 else x.reshape(batch, *x.shape[2:]), chunks)
 
 
 def first_argmax(logits: Array, cpu_kernel: bool = False) -> Array:

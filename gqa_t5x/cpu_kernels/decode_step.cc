@@ -502,8 +502,8 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   float* op = out->typed_data();
   ParallelFor(pool, B * KH, B * KH * G * D * S, [&](int64_t item) {
     AttentionItem(qp + item * G * D, kp + item * D * S, vp + item * D * S,
-                       bp + (per_head ? item * G : item / KH) * S, per_head ? S : 0,
-                       op + item * G * D, G, D, S);
+                  bp + (per_head ? item * G : item / KH) * S, per_head ? S : 0, op + item * G * D,
+                  G, D, S);
   });
   return ffi::Error::Success();
 }
