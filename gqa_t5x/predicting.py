@@ -54,6 +54,7 @@ class Predictor:
     """[n, s] -> ([n, max_decode_length] tokens, timing). The last batch is padded, not dropped."""
     num = len(encoder_inputs)
     outputs, timing = [], DecodeTiming()
+    huge_pages.apply(params)  # the weights every decode step reads (CPU only)
     for start in range(0, num, self.batch_size):
       rows = encoder_inputs[start:start + self.batch_size]
       batch = np.zeros((self.batch_size,) + encoder_inputs.shape[1:], np.int32)
@@ -61,8 +62,6 @@ class Predictor:
       inputs = jax.make_array_from_callback(batch.shape, self.partitioner.batch_sharding,
                                             lambda index, batch=batch: batch[index])
       decode = self._decoder(params, inputs)
-      if start == 0:
-        huge_pages.apply(params)  # the weights every decode step reads (CPU only)
       begin = time.perf_counter()
       tokens = jax.block_until_ready(decode(params, inputs))
       timing.seconds += time.perf_counter() - begin
