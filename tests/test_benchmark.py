@@ -79,6 +79,40 @@ def test_prefill_by_hand():
       max(2432 / bandwidth, 5120 / flops_per_s) + steps)
 
 
+def test_sequential_floor_by_hand():
+  # Each part at its own roofline, one after another (bandwidth 1e3 B/s, 1e4 flop/s):
+  # weights: 2 layers * 704 + 88 = 1496 elements, 5984 bytes (5.984 s) against a multiply-add
+  # each per sample, 5984 flops (0.5984 s): 5.984 s. Attention over n positions, per layer: the
+  # cache 2 samples * 2 (k, v) * 2 heads * dim 2 * n * 4 bytes = 64n bytes (0.064n s) against
+  # 2 * 2 * 2 * 4 heads * 2 * n = 64n flops (0.0064n s): 0.064n s, for n = t and n = 10.
+  bandwidth, flops_per_s = 1e3, 1e4
+  steps = sum(5.984 + 2 * (0.064 * t + 0.064 * 10) for t in (1, 2, 3))
+  prefill = max(2432 / bandwidth, 5120 / flops_per_s)
+  assert roofline.greedy_decode_sequential_floor(SMALL, bandwidth, flops_per_s) == pytest.approx(
+      prefill + steps)
+  # Memory-bound everywhere: the parts' bytes add up to the whole step's, so the floors agree.
+  assert roofline.greedy_decode_sequential_floor(SMALL, bandwidth, flops_per_s) == pytest.approx(
+      roofline.greedy_decode_floor(SMALL, bandwidth, flops_per_s))
+  # Attention step: 320 weights (1.28 s against 0.128), the self cache at 3 positions and the
+  # cross cache at 10 (0.192 + 0.64 s).
+  assert roofline.attention_step_sequential_floor(SMALL, 3, bandwidth, flops_per_s) == (
+      pytest.approx(1.28 + 0.192 + 0.64))
+  # MQA (G = 1) at 1.5e3 flop/s: the weights stay memory-bound and the attention turns
+  # compute-bound. Weights 2 layers * (288 + 384) + 88 = 1432 elements: 5.728 s of bytes (3.819 of
+  # flops). Attention over n positions: 32n bytes (0.032n s), 64n flops (0.04267n s). Prefill:
+  # 1536 bytes (1.536 s), 2560 flops (1.7067 s).
+  mqa = SMALL.__class__(**{**SMALL.__dict__, 'kv_heads': 1})
+  flops_per_s = 1.5e3
+  prefill = 2560 / flops_per_s
+  sequential = prefill + sum(5.728 + 2 * (64 * t + 64 * 10) / flops_per_s for t in (1, 2, 3))
+  assert roofline.greedy_decode_sequential_floor(mqa, bandwidth, flops_per_s) == pytest.approx(
+      sequential)
+  # Overlapped, the steps' bytes (17.184 + 2.304 s) exceed their flops (14.528 s): a lower floor.
+  assert roofline.greedy_decode_floor(mqa, bandwidth, flops_per_s) == pytest.approx(
+      prefill + 17.184 + 2.304)
+  assert sequential > prefill + 17.184 + 2.304
+
+
 def test_floor_is_the_slower_of_memory_and_compute():
   assert roofline.floor_seconds(3_000, 1_000.0) == 3.0
   assert roofline.floor_seconds(3_000, 1_000.0, flops=10_000, flops_per_s=1_000.0) == 10.0
@@ -114,6 +148,7 @@ def _row(level, g, seconds, implementation='gqa_t5x', floor=None):
           'roofline_fraction': None if floor is None else floor / seconds,
           'fastest_floor_per_sample_s': None if floor is None else floor / 2,
           'roofline_fraction_at_fastest_rates': None if floor is None else floor / 2 / seconds,
+          'sequential_fraction': None if floor is None else 1.2 * floor / seconds,
           'kv_cache_bytes_per_sample': 2 << 20, 'peak_bytes': None,
           'read_bandwidth_bytes_per_s': 3e10, 'matmul_flops_per_s': 5e10, 'bound': 'memory'}
 
@@ -131,7 +166,7 @@ def test_summary_ratios_and_rises():
   assert summary['peer/float32'] == {'peer_over_our_mha': 2.0, 'peer_over_our_gqa8': 8.0}
   table = report.format_table(rows)
   assert ('| decode | gqa_t5x | float32 | 8 | 2e+03 | 10% | 2.0 | 30.0 | 50 | 1e+03 | memory | 50% '
-          '| 25% | 2.0 | - |') in table
+          '| 25% | 60% | 2.0 | - |') in table
 
 
 def test_xla_rows_time_each_g_again_without_the_cpu_kernel(tiny_flags):
@@ -195,6 +230,11 @@ def test_tool_runs_on_a_tiny_config(tiny_flags, tmp_path):
                + max(roofline.greedy_decode_bytes(g) / bandwidth,
                      roofline.greedy_decode_flops(g) / flops_per_s))
     assert row['floor_per_sample_s'] == pytest.approx(floor / 2)
+    sequential = (roofline.attention_step_sequential_floor(g, 3, bandwidth, flops_per_s)
+                  if attention else
+                  roofline.greedy_decode_sequential_floor(g, bandwidth, flops_per_s))
+    assert row['sequential_fraction'] == pytest.approx(sequential / row['median_s'])
+    assert row['sequential_floor_per_sample_s'] >= row['floor_per_sample_s'] * (1 - 1e-9)
     # 2 samples before the row, one before each of its timed calls, 2 after; the floor from
     # their medians, a stricter one from the fastest.
     assert row['rate_samples'] == 2 + 1 + 2

@@ -117,21 +117,27 @@ def measure_row(level: str, implementation: str, g: roofline.Geometry, dtype: st
                 t: timing.Timing, peak_bytes, rates: roofline.MachineRates,
                 comparable: bool = True) -> dict:
   """Sets the timing t of one row against its floors from the rates sampled beside it: the
-  sustained (median) rates' and the fastest's. No floor where the row did not run on the device
-  the rates are of (comparable=False)."""
+  sustained (median) rates' and the fastest's, and the sustained rates' sequential floor (its
+  parts one after another: roofline.greedy_decode_sequential_floor). No floor where the row did
+  not run on the device the rates are of (comparable=False)."""
   if level == 'attention':
     total_bytes = step_bytes = roofline.attention_step_bytes(g, g.output_length)
     flops = roofline.attention_step_flops(g, g.output_length)
     floor_at = lambda bandwidth, flops_per_s: roofline.floor_seconds(
         total_bytes, bandwidth, flops, flops_per_s)
+    sequential_at = lambda bandwidth, flops_per_s: roofline.attention_step_sequential_floor(
+        g, g.output_length, bandwidth, flops_per_s)
   else:
     total_bytes = roofline.greedy_decode_bytes(g)
     step_bytes = total_bytes / g.output_length
     flops = roofline.greedy_decode_flops(g)
     floor_at = lambda bandwidth, flops_per_s: roofline.greedy_decode_floor(
         g, bandwidth, flops_per_s)
+    sequential_at = lambda bandwidth, flops_per_s: roofline.greedy_decode_sequential_floor(
+        g, bandwidth, flops_per_s)
   (bandwidth, flops_per_s), fastest_rates = rates.sustained(), rates.fastest()
   floor = floor_at(bandwidth, flops_per_s) if comparable else None
+  sequential = sequential_at(bandwidth, flops_per_s) if comparable else None
   fastest = floor_at(*fastest_rates) if comparable else None
   return {
       'level': level, 'implementation': implementation, 'dtype': dtype, 'kv_heads': g.kv_heads,
@@ -149,6 +155,8 @@ def measure_row(level: str, implementation: str, g: roofline.Geometry, dtype: st
       'roofline_fraction': None if floor is None else floor / t.median_s,
       'fastest_floor_per_sample_s': None if fastest is None else fastest / g.batch,
       'roofline_fraction_at_fastest_rates': None if fastest is None else fastest / t.median_s,
+      'sequential_floor_per_sample_s': None if sequential is None else sequential / g.batch,
+      'sequential_fraction': None if sequential is None else sequential / t.median_s,
       'kv_cache_bytes_per_sample': roofline.kv_cache_bytes_per_sample(g),
       'peak_bytes': peak_bytes,
   }
@@ -249,7 +257,8 @@ def benchmark(write_outputs=None) -> dict:
       elapsed = time.perf_counter() - start
       fraction = ('' if row['roofline_fraction'] is None
                   else f", {row['roofline_fraction']:.0%} of floor "
-                       f"({row['roofline_fraction_at_fastest_rates']:.0%} at the fastest rates)")
+                       f"({row['roofline_fraction_at_fastest_rates']:.0%} at the fastest rates, "
+                       f"{row['sequential_fraction']:.0%} of the sequential floor)")
       print(f'[{i + 1}/{len(plan)}] {level} {implementation} {dtype} G={g}: '
             f"{row['time_per_sample_s'] * 1e3:.3g} ms/sample (spread {row['spread']:.0%})"
             f'{fraction}; {elapsed:.0f} s elapsed, '

@@ -22,12 +22,13 @@ def format_table(rows) -> str:
   """One Markdown row per measurement; times in ms, sizes in MiB."""
   header = ('| level | impl | dtype | G | ms/sample (median) | spread | read MiB/step | GB/s | '
             'GFLOP/s | floor ms/sample | bound | of floor | of floor at fastest rates | '
-            'KV MiB/sample | peak MiB |')
+            'of sequential floor | KV MiB/sample | peak MiB |')
   lines = [header, '|' + '---|' * (header.count('|') - 1)]
   percent = lambda fraction: '-' if fraction is None else f'{fraction:.0%}'
   for r in rows:
     fraction = (f"{percent(r['roofline_fraction'])} | "
-                f"{percent(r['roofline_fraction_at_fastest_rates'])}")
+                f"{percent(r['roofline_fraction_at_fastest_rates'])} | "
+                f"{percent(r['sequential_fraction'])}")
     lines.append(
         f"| {r['level']} | {r['implementation']} | {r['dtype']} | {r['kv_heads']} | "
         f"{_ms(r['time_per_sample_s'])} | {r['spread']:.0%} | {_mib(r['bytes_per_step'])} | "
