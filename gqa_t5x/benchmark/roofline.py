@@ -52,10 +52,25 @@ def decoder_layer_weight_elements(g: Geometry) -> int:
   return attention_weight_elements(g) + (g.num_mlp_inputs + 1) * g.emb_dim * g.mlp_dim
 
 
+def step_weight_elements(g: Geometry) -> int:
+  """Every weight a decoder step multiplies by: all layers, then the [emb, vocab] logits."""
+  return g.num_decoder_layers * decoder_layer_weight_elements(g) + g.emb_dim * g.vocab_size
+
+
+def cache_elements_per_sample(g: Geometry, positions: int) -> int:
+  """Keys and values of G heads over `positions` cached positions, for one layer."""
+  return 2 * g.kv_heads * g.head_dim * positions
+
+
+def attention_flops_per_sample(g: Geometry, positions: int) -> int:
+  """q.k and p.v over `positions` cached positions for every query head, for one layer."""
+  return 2 * 2 * g.num_heads * g.head_dim * positions
+
+
 def kv_elements_per_sample(g: Geometry, self_length: int) -> int:
   """Keys and values of G heads, for one layer: self-attention over `self_length` positions plus
   cross-attention over the encoder length."""
-  return 2 * g.kv_heads * g.head_dim * (self_length + g.input_length)
+  return cache_elements_per_sample(g, self_length + g.input_length)
 
 
 def kv_cache_bytes_per_sample(g: Geometry) -> int:
@@ -72,8 +87,8 @@ def attention_step_bytes(g: Geometry, self_length: int) -> int:
 
 def decoder_step_bytes(g: Geometry, self_length: int) -> int:
   """A whole decoder step (all layers, then the [emb, vocab] logits matrix)."""
-  per_layer = decoder_layer_weight_elements(g) + g.batch * kv_elements_per_sample(g, self_length)
-  elements = g.num_decoder_layers * per_layer + g.emb_dim * g.vocab_size
+  elements = (step_weight_elements(g)
+              + g.num_decoder_layers * g.batch * kv_elements_per_sample(g, self_length))
   return elements * g.bytes_per_element
 
 
@@ -99,15 +114,14 @@ def prefill_flops(g: Geometry) -> int:
 def attention_step_flops(g: Geometry, self_length: int) -> int:
   """One layer's attention step: a multiply-add per weight per sample, plus q.k and p.v over the
   cached positions for every query head."""
-  scores_and_mix = 2 * 2 * g.num_heads * g.head_dim * (self_length + g.input_length)
+  scores_and_mix = attention_flops_per_sample(g, self_length + g.input_length)
   return g.batch * (2 * attention_weight_elements(g) + scores_and_mix)
 
 
 def decoder_step_flops(g: Geometry, self_length: int) -> int:
   """A whole decoder step: every layer's weights and attention, then the logits."""
-  scores_and_mix = 2 * 2 * g.num_heads * g.head_dim * (self_length + g.input_length)
-  per_layer = 2 * decoder_layer_weight_elements(g) + scores_and_mix
-  return g.batch * (g.num_decoder_layers * per_layer + 2 * g.emb_dim * g.vocab_size)
+  scores_and_mix = attention_flops_per_sample(g, self_length + g.input_length)
+  return g.batch * (2 * step_weight_elements(g) + g.num_decoder_layers * scores_and_mix)
 
 
 def greedy_decode_flops(g: Geometry) -> int:
@@ -125,9 +139,9 @@ def greedy_decode_floor(g: Geometry, bandwidth: float, flops_per_s: float) -> fl
 def _attention_floor(g: Geometry, positions: int, bandwidth: float, flops_per_s: float) -> float:
   """One layer's attention over `positions` cached keys and values, on its own: reading G heads'
   cache for the batch, and q.k and p.v for all H query heads."""
-  cache_bytes = g.batch * 2 * g.kv_heads * g.head_dim * positions * g.bytes_per_element
-  flops = g.batch * 2 * 2 * g.num_heads * g.head_dim * positions
-  return floor_seconds(cache_bytes, bandwidth, flops, flops_per_s)
+  cache_bytes = g.batch * cache_elements_per_sample(g, positions) * g.bytes_per_element
+  return floor_seconds(cache_bytes, bandwidth, g.batch * attention_flops_per_sample(g, positions),
+                       flops_per_s)
 
 
 def _weights_floor(weight_elements: int, g: Geometry, bandwidth: float,
@@ -157,8 +171,7 @@ def greedy_decode_sequential_floor(g: Geometry, bandwidth: float, flops_per_s: f
   and from G = 4 on the same. A time's fraction of this floor says how well the kernels run; its
   fraction of greedy_decode_floor, how close the decode is to the machine.
   """
-  weights = g.num_decoder_layers * decoder_layer_weight_elements(g) + g.emb_dim * g.vocab_size
-  steps = sum(_weights_floor(weights, g, bandwidth, flops_per_s)
+  steps = sum(_weights_floor(step_weight_elements(g), g, bandwidth, flops_per_s)
               + g.num_decoder_layers * (_attention_floor(g, t + 1, bandwidth, flops_per_s)
                                         + _attention_floor(g, g.input_length, bandwidth,
                                                            flops_per_s))
