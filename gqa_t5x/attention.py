@@ -29,11 +29,13 @@ DType = Any
 # scale logits at run time).
 attention_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
 NEG_INF = -1e10
-# A cross-attention cache fill of at most this many key (and value) columns, k * d, is projected
-# as one [b*s, e] x [e, k*d] product and then moved into the cache layout. Measured on a 2-core
-# CPU at batch 16, input 2048, d_model 512: k*d = 64 (MQA) 9.5 against 18.7 ms per projection,
-# 128 alike, 256 and 512 slower (65 against 50 ms, 132 against 96).
-_SMALL_CACHE_FILL = 64
+# A cross-attention cache fill of at most this many key (and value) columns, k * d, projects keys
+# and values as one product, twice as wide, reading the encoder output once. Measured on a 2-core
+# Xeon (batch 16, input 2048, d_model 512, in chunks of 2 samples with the embedding and norm):
+# 25.9 ms at k * d = 64 against 31.1 apart (and 29.2 as one [b*s, e] x [e, k*d] product per kernel
+# moved into the cache layout), 43.9 against 48.0 at 128; 1-2% slower at 256 and 512, and 5% at
+# 4096 (1355 against 1289 ms).
+_JOINED_CACHE_FILL = 128
 
 
 def check_kv_heads(num_heads: int, num_kv_heads: int, what: str = 'num_kv_heads') -> None:
@@ -170,25 +172,29 @@ class GroupedQueryAttention(nn.Module):
 
     def project_kv(x, into_cache_layout=False):  # [b, s, e] -> keys, values [b, k, d, s]
       x = x.astype(self.dtype)
-      if into_cache_layout and k * d > _SMALL_CACHE_FILL:
+      if into_cache_layout:
         # The cross-attention cache fill (once per decode, s = input length) straight into
-        # [b, k, d, s], the kernel broadcast over the batch: each sample is then one
+        # [b, k, d, s], the kernels broadcast over the batch: each sample is then one
         # [k*d, e] x [e, s] product writing its cache rows in place. Moving a projected
         # [b, s, k, d] (or letting XLA fold the batch into the product's columns) transposes the
         # whole cache, twice its size in temporaries: at G = 64 the greedy decode benchmark ran
         # 17-21% faster this way and its peak memory fell from 2757 to 1412 MiB.
-        project = lambda w: jnp.einsum('bse,bekd->bkds', x, jnp.broadcast_to(
-            w.reshape(embed, k, d), (x.shape[0], embed, k, d)))
+        fill = lambda w: jnp.einsum('bse,bejkd->jbkds', x,
+                                    jnp.broadcast_to(w, (x.shape[0], *w.shape)))
+        if k * d <= _JOINED_CACHE_FILL:
+          keys, values = fill(jnp.stack([wk, wv], axis=1).reshape(embed, 2, k, d))
+        else:
+          (keys,), (values,) = (fill(w.reshape(embed, 1, k, d)) for w in (wk, wv))
       elif step:  # the self-attention's new position
         project = lambda w: jnp.moveaxis(step_dense(x, w).reshape(*x.shape[:2], k, d), 1, 3)
+        keys, values = project(wk), project(wv)
       else:
         # Projected as [b, s, k, d] (the kernel's own column order), then moved to the cache
         # layout: asking the einsum for [b, k, d, s] directly made XLA:CPU transpose the whole
-        # kernel at every decode step (8x slower at G = 64); for s = 1 the move is free, and for
-        # a small cache fill cheaper than the per-sample products above.
+        # kernel at every decode step (8x slower at G = 64); for s = 1 the move is free.
         project = lambda w: jnp.moveaxis(
             jnp.einsum('bse,ekd->bskd', x, w.reshape(embed, k, d)), 1, 3)
-      keys, values = project(wk), project(wv)
+        keys, values = project(wk), project(wv)
       constraint = (axes.BATCH, axes.KV_HEADS, axes.KV, axes.LENGTH)
       return (nn.with_logical_constraint(keys, constraint),
               nn.with_logical_constraint(values, constraint))

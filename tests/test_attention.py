@@ -104,9 +104,9 @@ def test_self_attention_cache_holds_g_heads_and_matches_causal_reference(num_kv_
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
-# The cache fill takes one of two routes by its width k * d (attention._SMALL_CACHE_FILL): 2 x 4
-# columns are projected and then moved, 2 x 40 go as per-sample products straight into the cache.
-@pytest.mark.parametrize('d', [D, 40], ids=['projected-then-moved', 'per-sample-products'])
+# The cache fill takes one of two routes by its width k * d (attention._JOINED_CACHE_FILL): 2 x 4
+# key columns are projected with the value columns in one product, 2 x 72 in one product each.
+@pytest.mark.parametrize('d', [D, 72], ids=['keys-and-values-joined', 'keys-and-values-apart'])
 def test_cross_attention_projects_encoder_once_and_reuses_the_cache(d):
   x_q, x_kv, _, _ = _inputs(seed=4, b=2, t=1, s=7)
   layer = GroupedQueryAttention(H, 2, d, cross_attention=True)
