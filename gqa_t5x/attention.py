@@ -185,15 +185,15 @@ class GroupedQueryAttention(nn.Module):
           keys, values = fill(jnp.stack([wk, wv], axis=1).reshape(embed, 2, k, d))
         else:
           (keys,), (values,) = (fill(w.reshape(embed, 1, k, d)) for w in (wk, wv))
-      elif step:  # the self-attention's new position
-        project = lambda w: jnp.moveaxis(step_dense(x, w).reshape(*x.shape[:2], k, d), 1, 3)
-        keys, values = project(wk), project(wv)
       else:
-        # Projected as [b, s, k, d] (the kernel's own column order), then moved to the cache
-        # layout: asking the einsum for [b, k, d, s] directly made XLA:CPU transpose the whole
-        # kernel at every decode step (8x slower at G = 64); for s = 1 the move is free.
-        project = lambda w: jnp.moveaxis(
-            jnp.einsum('bse,ekd->bskd', x, w.reshape(embed, k, d)), 1, 3)
+        if step:  # the self-attention's new position
+          project = lambda w: jnp.moveaxis(step_dense(x, w).reshape(*x.shape[:2], k, d), 1, 3)
+        else:
+          # Projected as [b, s, k, d] (the kernel's own column order), then moved to the cache
+          # layout: asking the einsum for [b, k, d, s] directly made XLA:CPU transpose the whole
+          # kernel at every decode step (8x slower at G = 64); for s = 1 the move is free.
+          project = lambda w: jnp.moveaxis(
+              jnp.einsum('bse,ekd->bskd', x, w.reshape(embed, k, d)), 1, 3)
         keys, values = project(wk), project(wv)
       constraint = (axes.BATCH, axes.KV_HEADS, axes.KV, axes.LENGTH)
       return (nn.with_logical_constraint(keys, constraint),
