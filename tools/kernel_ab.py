@@ -10,7 +10,9 @@ one binary (tools/kernel_ab.cc) and called alternately on the same data, each fi
 time; the median of the pairs' time ratios is the figure. --what=matmul times a decode step's
 products at batch 16 (T5's logits, projections, MLP) with the weight out of cache;
 --what=attention the cross-attention over --items (batch x kv heads) of --heads_per_kv query
-heads, head dim 64, 2048 keys. The two versions' outputs are compared too (max difference).
+heads, head dim 64, 2048 keys, its keys and values read from memory as in a decode step. Each
+call reads the next of several copies of the same data, so that neither version of a pair finds
+what the other left in the cache, and the two versions' outputs are compared (max difference).
 
 --baseline and --candidate take a file or a git revision of the kernel's source (default: the
 working tree's file as candidate).
