@@ -70,10 +70,12 @@ def tiled_kernels(tiling):
     (1, 2, 8, 20, 1100),  # 8 or more heads: the mix in chunks of 512, 512 and 64 keys, a tail
     (1, 1, 64, 8, 48),    # MQA: many query heads share one kv head
     # 32 or more query heads per kv head (head dim up to 64): the heads along the vectors.
-    (2, 1, 64, 64, 2048),  # T5-XXL's MQA: 6- and 4-row tiles of 4 head vectors, a 2-key tail
+    (2, 1, 64, 64, 2048),  # T5-XXL's MQA: 6- and 4-row tiles of 4 head vectors, a 2-key tail,
+                           # key rows in two passes of 32
     (1, 2, 48, 20, 100),  # 3 head vectors, 8-row tiles; probabilities in chunks of 64 and 36
     (1, 1, 80, 9, 70),    # 4 head vectors then 1 (24-row tiles); 4- and 1-row tails
     (1, 1, 32, 16, 130),  # 2 head vectors, 12-row tiles
+    (1, 1, 32, 48, 70),   # key rows summed in passes of 32 and 16
     (1, 1, 16, 64, 50),   # one head vector: the [g, s] layout again
     (1, 1, 64, 72, 40),   # head dim past 64: the [g, s] layout again
     (2, 3, 5, 12, 37),    # tails everywhere
