@@ -85,7 +85,7 @@ std::vector<Case> MatmulCases(int threads) {
       {16, 512, 32128}, {16, 512, 4096}, {16, 4096, 512}, {16, 512, 1024}, {16, 1024, 512}};
   for (const auto& s : shapes) {
     const int64_t M = s[0], K = s[1], N = s[2];
-    const int copies = std::max<int64_t>(1, (int64_t{96} << 20) / (K * N * 4));
+    const int copies = std::max<int64_t>(2, (int64_t{96} << 20) / (K * N * 4));
     auto x = std::make_shared<std::vector<float>>(Random(M * K));
     // Copies of one weight: the two versions read different copies of the same values.
     auto w = std::make_shared<std::vector<std::vector<float>>>(copies, Random(K * N));
