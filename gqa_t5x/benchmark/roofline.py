@@ -129,10 +129,14 @@ def greedy_decode_flops(g: Geometry) -> int:
   return sum(decoder_step_flops(g, i + 1) for i in range(g.output_length))
 
 
+def _prefill_floor(g: Geometry, bandwidth: float, flops_per_s: float) -> float:
+  return floor_seconds(prefill_bytes(g), bandwidth, prefill_flops(g), flops_per_s)
+
+
 def greedy_decode_floor(g: Geometry, bandwidth: float, flops_per_s: float) -> float:
   """The prefill's floor plus the decoder steps': each phase is the slower of its bytes and flops
   (the prefill is compute-bound and the steps memory-bound, so neither hides the other)."""
-  return (floor_seconds(prefill_bytes(g), bandwidth, prefill_flops(g), flops_per_s)
+  return (_prefill_floor(g, bandwidth, flops_per_s)
           + floor_seconds(greedy_decode_bytes(g), bandwidth, greedy_decode_flops(g), flops_per_s))
 
 
@@ -171,12 +175,12 @@ def greedy_decode_sequential_floor(g: Geometry, bandwidth: float, flops_per_s: f
   and from G = 4 on the same. A time's fraction of this floor says how well the kernels run; its
   fraction of greedy_decode_floor, how close the decode is to the machine.
   """
-  steps = sum(_weights_floor(step_weight_elements(g), g, bandwidth, flops_per_s)
-              + g.num_decoder_layers * (_attention_floor(g, t + 1, bandwidth, flops_per_s)
-                                        + _attention_floor(g, g.input_length, bandwidth,
-                                                           flops_per_s))
+  weights = _weights_floor(step_weight_elements(g), g, bandwidth, flops_per_s)
+  cross = _attention_floor(g, g.input_length, bandwidth, flops_per_s)
+  steps = sum(weights + g.num_decoder_layers * (_attention_floor(g, t + 1, bandwidth, flops_per_s)
+                                                + cross)
               for t in range(g.output_length))
-  return floor_seconds(prefill_bytes(g), bandwidth, prefill_flops(g), flops_per_s) + steps
+  return _prefill_floor(g, bandwidth, flops_per_s) + steps
 
 
 class MachineRates:
