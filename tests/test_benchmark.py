@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gqa_t5x import huge_pages
 from gqa_t5x.benchmark import cli, decode, peer, report, roofline, timing
 from gqa_t5x.decoding import init_cache
 from gqa_t5x.network import Transformer
@@ -129,6 +130,21 @@ def test_machine_rates_sample_median_and_fastest():
   assert 0 < rates.sustained()[0] <= rates.fastest()[0]
   rates.clear()
   assert rates.bandwidths == [] and rates.flop_rates == []
+
+
+def test_machine_rates_read_from_huge_pages_when_asked():
+  """The floor's read buffer goes onto huge pages with the weights (--huge_pages, the default):
+  the bytes reported are its whole 2 MiB pages, as gqa_t5x.huge_pages moves them."""
+  nbytes = 16 << 20
+  assert roofline.MachineRates(nbytes=nbytes, matmul_n=64, settle_s=0).huge_page_bytes == 0
+  rates = roofline.MachineRates(nbytes=nbytes, matmul_n=64, settle_s=0, huge_pages=True)
+  start, end = huge_pages.whole_pages(rates._buffer.unsafe_buffer_pointer(), nbytes)
+  assert end - start >= nbytes - huge_pages.HUGE_PAGE
+  thp = '/sys/kernel/mm/transparent_hugepage/enabled'
+  if os.path.exists(thp) and '[never]' not in open(thp).read():
+    assert rates.huge_page_bytes == end - start  # this project's machines: THP `madvise`
+  rates.sample()
+  assert rates.bandwidths[0] > 0
 
 
 def test_time_call_excludes_warmup_and_rejects_zero_warmup():

@@ -50,7 +50,8 @@ _XLA_ROWS = flags.DEFINE_boolean(
     'gqa_t5x_xla).')
 _HUGE_PAGES = flags.DEFINE_boolean(
     'huge_pages', True, 'Move the weights onto transparent huge pages (gqa_t5x.huge_pages; '
-    'Linux), as gqa-t5x-infer does on CPU; --nohuge_pages times them on 4 KiB pages.')
+    'Linux), as gqa-t5x-infer does on CPU, and the read-bandwidth buffer with them (the floor '
+    'reads what the decode reads); --nohuge_pages times both on 4 KiB pages.')
 _PEER = flags.DEFINE_boolean('peer', True, 'Also time HuggingFace T5 (MHA) greedy generate '
                              'when torch and transformers are installed.')
 _PEER_DEVICE = flags.DEFINE_string('peer_device', '', 'torch device for the peer; default: '
@@ -164,7 +165,7 @@ def measure_row(level: str, implementation: str, g: roofline.Geometry, dtype: st
 
 def _rates(dtype: str) -> roofline.MachineRates:
   return roofline.MachineRates(_BANDWIDTH_MIB.value * report.MIB, _MATMUL_N.value,
-                               jnp.dtype(dtype), _RATE_SETTLE.value)
+                               jnp.dtype(dtype), _RATE_SETTLE.value, huge_pages=_HUGE_PAGES.value)
 
 
 def _geometry(kv_heads: int, dtype: str) -> roofline.Geometry:
@@ -209,9 +210,11 @@ def benchmark(write_outputs=None) -> dict:
     rates = _rates(dtypes[0])
     rates.sample(3)
     bandwidth = rates.sustained()[0]
+    on_huge_pages = (f' ({rates.huge_page_bytes / report.MIB:.0f} of {_BANDWIDTH_MIB.value} MiB '
+                     'on huge pages)' if _HUGE_PAGES.value else '')
     print(f'{device.platform} ({device.device_kind}): read bandwidth '
-          f'{bandwidth / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f}; peer: '
-          f'{peer_version}', flush=True)
+          f'{bandwidth / 1e9:.1f} GB/s{on_huge_pages}; load average {os.getloadavg()[0]:.1f}; '
+          f'peer: {peer_version}', flush=True)
     document = {
         'settings': {**{name: flags.FLAGS[name].value for name in (
             'levels', 'kv_heads', 'num_heads', 'emb_dim', 'mlp_dim', 'vocab_size',
@@ -222,7 +225,8 @@ def benchmark(write_outputs=None) -> dict:
         'machine': {'platform': device.platform, 'device_kind': device.device_kind,
                     'jax': jax.__version__, 'python': platform.python_version(),
                     'cpu_count': os.cpu_count(), 'load_average_start': os.getloadavg()},
-        'read_bandwidth_bytes_per_s': bandwidth, 'peer': peer_version,
+        'read_bandwidth_bytes_per_s': bandwidth,
+        'read_buffer_huge_page_bytes': rates.huge_page_bytes, 'peer': peer_version,
         'peer_device': peer_device, 'rows': [], 'summary': {},
     }
     plan = _plan(levels, kv_heads, dtypes, with_peer, _XLA_ROWS.value)
