@@ -202,7 +202,7 @@ class MachineRates:
   the best a decode step could do (larger than the last-level cache, or it measures the cache).
   With `huge_pages` its buffer is moved onto them as the decode's weights are (gqa_t5x.huge_pages):
   on a 2-core Xeon the same sum read 29.3 GB/s on 4 KiB pages and 31.7 on 2 MiB pages (medians of
-  10, one process), so a floor read on 4 KiB pages was some 8% too lenient to weights on huge ones.
+  10, one process), so a floor read on 4 KiB pages was some 8% too lenient for weights on huge ones.
   The compute roof is a jitted [n, n] x [n, n] product: at batch 16 a decode step does ~batch
   flops per weight it reads, and a CPU with few cores cannot do that as fast as it reads.
   """
