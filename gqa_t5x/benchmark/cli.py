@@ -211,7 +211,7 @@ def benchmark(write_outputs=None) -> dict:
     rates.sample(3)
     bandwidth = rates.sustained()[0]
     on_huge_pages = (f' ({rates.huge_page_bytes / report.MIB:.0f} of {_BANDWIDTH_MIB.value} MiB '
-                     'on huge pages)' if _HUGE_PAGES.value else '')
+                     'on huge pages)' if _HUGE_PAGES.value and device.platform == 'cpu' else '')
     print(f'{device.platform} ({device.device_kind}): read bandwidth '
           f'{bandwidth / 1e9:.1f} GB/s{on_huge_pages}; load average {os.getloadavg()[0]:.1f}; '
           f'peer: {peer_version}', flush=True)
