@@ -18,3 +18,14 @@ def installed(tmp_path_factory):
   if os.environ.get('PYTEST_XDIST_WORKER'):
     root = root.parent  # this run's directory, above the workers' own
   return installation.get(str(root / 'installed'))
+
+
+@pytest.fixture(scope='session')
+def thp_enabled() -> bool:
+  """Whether this kernel grants transparent huge pages to madvise()d buffers (THP `always` or
+  `madvise`, as on this project's machines): there gqa_t5x.huge_pages must move every whole page."""
+  thp = '/sys/kernel/mm/transparent_hugepage/enabled'
+  if not os.path.exists(thp):
+    return False
+  with open(thp) as f:
+    return '[never]' not in f.read()

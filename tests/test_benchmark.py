@@ -132,7 +132,7 @@ def test_machine_rates_sample_median_and_fastest():
   assert rates.bandwidths == [] and rates.flop_rates == []
 
 
-def test_machine_rates_read_from_huge_pages_when_asked():
+def test_machine_rates_read_from_huge_pages_when_asked(thp_enabled):
   """The floor's read buffer goes onto huge pages with the weights (--huge_pages, the default):
   the bytes reported are its whole 2 MiB pages, as gqa_t5x.huge_pages moves them."""
   nbytes = 16 << 20
@@ -140,8 +140,7 @@ def test_machine_rates_read_from_huge_pages_when_asked():
   rates = roofline.MachineRates(nbytes=nbytes, matmul_n=64, settle_s=0, huge_pages=True)
   start, end = huge_pages.whole_pages(rates._buffer.unsafe_buffer_pointer(), nbytes)
   assert end - start >= nbytes - huge_pages.HUGE_PAGE
-  thp = '/sys/kernel/mm/transparent_hugepage/enabled'
-  if os.path.exists(thp) and '[never]' not in open(thp).read():
+  if thp_enabled:
     assert rates.huge_page_bytes == end - start  # this project's machines: THP `madvise`
   rates.sample()
   assert rates.bandwidths[0] > 0

@@ -1,7 +1,5 @@
 """gqa_t5x.huge_pages: the weights keep their values, and the kernel's own accounting
 (/proc/self/smaps) holds at least the huge pages apply() reports."""
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +30,7 @@ def test_whole_pages_are_the_2_mib_pages_inside_the_buffer():
   assert huge_pages.whole_pages(3 * MIB, 10) == (4 * MIB, 4 * MIB)
 
 
-def test_weights_keep_their_values_and_smaps_holds_the_huge_pages_reported():
+def test_weights_keep_their_values_and_smaps_holds_the_huge_pages_reported(thp_enabled):
   weight = jax.device_put(np.random.default_rng(0).standard_normal(3 * MIB, np.float32))
   want = np.array(weight)  # a copy: the buffer itself is what apply() moves
   moved = huge_pages.apply({'kernel': weight, 'scale': jnp.ones(3), 'step': 7})
@@ -40,8 +38,7 @@ def test_weights_keep_their_values_and_smaps_holds_the_huge_pages_reported():
   address = weight.unsafe_buffer_pointer()
   start, end = huge_pages.whole_pages(address, weight.nbytes)
   assert end - start >= 10 * MIB and moved in (0, end - start)
-  thp = '/sys/kernel/mm/transparent_hugepage/enabled'
-  if os.path.exists(thp) and '[never]' not in open(thp).read():
+  if thp_enabled:
     assert moved == end - start  # this project's machines: THP `madvise`, Linux 6.1 or later
   assert _anon_huge_bytes(start) >= moved
   # Again: nothing left to move, and the same bytes are reported.
