@@ -1,6 +1,6 @@
 r"""Times gqa-t5x-convert on a synthetic T5.1.1-Large checkpoint against a plain `cp -r`.
 
-  .venv/bin/python tools/benchmark_convert.py [--workdir=/tmp/gqa_convert_bench] [--keep]
+  .venv/bin/python tools/benchmark_convert.py [--workdir=/tmp/gqa_convert_bench] [--rounds=3] [--keep]
 
 Writes a float32, T5.1.1-Large-shaped checkpoint (emb 1024, 16 heads x 64, 24+24 layers,
 mlp 2816, vocab 32128: about 3 GB) in T5X's legacy layout, copies it with `cp -r` (the same
@@ -9,11 +9,15 @@ floor: T5X's gzip, not the disk, is the bottleneck), converts it to GQA-8, and r
 and peak RSS of each. Targets (issue 14): convert <= 1.3x the read-only floor; peak RSS <= the
 interpreter + 2x the largest tensor, where "interpreter" is the peak RSS of a process that only
 imports what the converter imports. The copy runs first so that all read from a warm page
-cache. Everything is deleted at the end unless --keep.
+cache. The read and the conversion then run --rounds times each, in turn (the order flipping from
+round to round); each round's convert / read ratio gives a mean with Student's t 95% interval
+(gqa_t5x.reproduce.stats), which is inside the target when its upper end is. Everything is
+deleted at the end unless --keep.
 """
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -22,9 +26,11 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from gqa_t5x.reproduce import stats  # pylint: disable=g-import-not-at-top
 from tests.t5x_layout import write_legacy_checkpoint  # pylint: disable=g-import-not-at-top
 
 EMB, HEADS, HEAD_DIM, LAYERS, MLP, VOCAB = 1024, 16, 64, 24, 2816, 32128
+TARGET = 1.3  # convert / read-only floor
 
 
 def large_params():
@@ -75,8 +81,12 @@ def directory_bytes(path: str) -> int:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', default='/tmp/gqa_convert_bench')
+  parser.add_argument('--rounds', type=int, default=3,
+                      help='reads and conversions, each (at least 2, for an interval)')
   parser.add_argument('--keep', action='store_true', help='keep the files afterwards')
   args = parser.parse_args()
+  if args.rounds < 2:
+    parser.error(f'--rounds={args.rounds}: an interval needs at least 2 rounds')
   source = os.path.join(args.workdir, 'mha_large', 'checkpoint_1000000')
   copy = os.path.join(args.workdir, 'copy', 'checkpoint_1000000')
   output = os.path.join(args.workdir, 'gqa8_large', 'checkpoint_1000000')
@@ -86,8 +96,7 @@ def main():
       write_legacy_checkpoint(source, large_params(), step=1_000_000)
       print(f'wrote synthetic checkpoint in {time.time() - start:.0f}s', file=sys.stderr)
     largest_mb = VOCAB * EMB * 4 / 2**20
-    for path in (copy, output):
-      shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+    shutil.rmtree(os.path.dirname(copy), ignore_errors=True)
     os.makedirs(os.path.dirname(copy))
     copy_s, copy_mb, _ = measured(['cp', '-r', source, copy])
     imports = ('import numpy, jax, orbax.checkpoint, tensorstore, flax.serialization; '
@@ -96,23 +105,37 @@ def main():
     read_all = ('from etils import epath; from gqa_t5x.checkpoints import legacy_format; '
                 f'ckpt = legacy_format.read(epath.Path({source!r})); '
                 '[t.read().nbytes for t in ckpt.params.values()]')
-    read_s, read_mb, _ = measured([sys.executable, '-c', read_all])
     convert = [sys.executable, '-m', 'gqa_t5x.convert', f'--input={source}',
                f'--output={output}', '--num_kv_heads=8']
-    convert_s, convert_mb, log = measured(convert)
+    runs = {'read': [], 'convert': []}
+    for round_ in range(args.rounds):
+      shutil.rmtree(os.path.dirname(output), ignore_errors=True)
+      for name in ('read', 'convert') if round_ % 2 == 0 else ('convert', 'read'):
+        runs[name].append(measured([sys.executable, '-c', read_all] if name == 'read' else convert))
+      (read_s, _, _), (convert_s, _, _) = runs['read'][-1], runs['convert'][-1]
+      print(f'round {round_ + 1}/{args.rounds}: read {read_s:.1f} s, convert {convert_s:.1f} s, '
+            f'ratio {convert_s / read_s:.2f}', file=sys.stderr, flush=True)
     written = directory_bytes(output)
+    median = {name: statistics.median(s for s, _, _ in rs) for name, rs in runs.items()}
+    peak = {name: max(mb for _, mb, _ in rs) for name, rs in runs.items()}
+    ratio = stats.interval([c[0] / r[0] for r, c in zip(runs['read'], runs['convert'])])
     rows = [('cp -r', copy_s, copy_mb, directory_bytes(copy)),
-            ('read + gunzip every tensor, no write', read_s, read_mb, 0),
-            ('gqa-t5x-convert (GQA-8)', convert_s, convert_mb, written)]
+            ('read + gunzip every tensor, no write', median['read'], peak['read'], 0),
+            ('gqa-t5x-convert (GQA-8)', median['convert'], peak['convert'], written)]
     print(f'checkpoint: {directory_bytes(source) / 1e9:.2f} GB on disk (float32, gzip zarr); '
           f'largest tensor {largest_mb:.0f} MiB; interpreter + imports {interpreter_mb:.0f} MiB')
-    print('| | wall time | peak RSS | bytes written |\n|---|---|---|---|')
+    print(f'| | wall time (median of {args.rounds} for read and convert) | peak RSS (highest) | '
+          'bytes written |\n|---|---|---|---|')
     for name, seconds, rss, written in rows:
       print(f'| {name} | {seconds:.1f} s | {rss:.0f} MiB | {written / 1e9:.2f} GB |')
     print(f'load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs')
-    print(f'convert / read-only floor: {convert_s / read_s:.2f} (target <= 1.3); convert / copy: '
-          f'{convert_s / copy_s:.1f}; peak RSS {convert_mb:.0f} MiB vs interpreter + 2 x largest '
-          f'= {2 * largest_mb + interpreter_mb:.0f} MiB')
+    within = ('inside the target' if ratio.high <= TARGET else
+              'over the target' if ratio.low > TARGET else 'not resolved against the target')
+    print(f'convert / read-only floor: {ratio.mean:.2f} [{ratio.low:.2f}, {ratio.high:.2f}] (mean '
+          f'of {ratio.n} rounds, 95% interval; target <= {TARGET}): {within}; convert / copy: '
+          f'{median["convert"] / copy_s:.1f}; peak RSS {peak["convert"]:.0f} MiB vs interpreter '
+          f'+ 2 x largest = {2 * largest_mb + interpreter_mb:.0f} MiB')
+    log = runs['convert'][-1][2]
     print('last progress line:', log.strip().splitlines()[-1] if log.strip() else '-')
   finally:
     if not args.keep:
