@@ -152,6 +152,9 @@ def main():
     parser.error('--steps must cover at least two --log_period windows (the first compiles)')
   if args.rounds < 2:
     parser.error(f'--rounds={args.rounds}: an interval needs at least 2 rounds')
+  if not (os.path.isfile(args.t5x_python) and os.access(args.t5x_python, os.X_OK)):
+    parser.error(f'--t5x_python={args.t5x_python} is not an executable file: give the python of '
+                 'a venv with T5X (bash tools/install_t5x.sh VENV; then VENV/bin/python)')
   workdir = args.workdir or tempfile.mkdtemp(prefix='gqa_train_bench_')
   print('| model | round | gqa-t5x steps/s | T5X steps/s | gqa-t5x / T5X (steps/s) | target '
         'tokens/s, ours / T5X\'s | windows each |\n|---|---|---|---|---|---|---|', flush=True)
