@@ -1,6 +1,7 @@
 r"""Times gqa-t5x-convert on a synthetic T5.1.1-Large checkpoint against a plain `cp -r`.
 
-  .venv/bin/python tools/benchmark_convert.py [--workdir=/tmp/gqa_convert_bench] [--rounds=3] [--keep]
+  .venv/bin/python tools/benchmark_convert.py [--workdir=/tmp/gqa_convert_bench] [--rounds=3] \
+      [--keep]
 
 Writes a float32, T5.1.1-Large-shaped checkpoint (emb 1024, 16 heads x 64, 24+24 layers,
 mlp 2816, vocab 32128: about 3 GB) in T5X's legacy layout, copies it with `cp -r` (the same
@@ -11,7 +12,7 @@ interpreter + 2x the largest tensor, where "interpreter" is the peak RSS of a pr
 imports what the converter imports. The copy runs first so that all read from a warm page
 cache. The read and the conversion then run --rounds times each, in turn (the order flipping from
 round to round); each round's convert / read ratio gives a mean with Student's t 95% interval
-(gqa_t5x.reproduce.stats), which is inside the target when its upper end is. Everything is
+(gqa_t5x.reproduce.stats), which is inside the target when its upper end is below it. Everything is
 deleted at the end unless --keep.
 """
 import argparse
@@ -129,8 +130,10 @@ def main():
     for name, seconds, rss, written in rows:
       print(f'| {name} | {seconds:.1f} s | {rss:.0f} MiB | {written / 1e9:.2f} GB |')
     print(f'load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs')
-    within = ('inside the target' if ratio.high <= TARGET else
-              'over the target' if ratio.low > TARGET else 'not resolved against the target')
+    below_target = stats.Interval(ratio.mean - TARGET, ratio.low - TARGET, ratio.high - TARGET,
+                                  ratio.n)
+    within = {'held': 'inside the target', 'contradicted': 'over the target',
+              'inconclusive': 'not resolved against the target'}[stats.verdict(below_target, -1)]
     print(f'convert / read-only floor: {ratio.mean:.2f} [{ratio.low:.2f}, {ratio.high:.2f}] (mean '
           f'of {ratio.n} rounds, 95% interval; target <= {TARGET}): {within}; convert / copy: '
           f'{median["convert"] / copy_s:.1f}; peak RSS {peak["convert"]:.0f} MiB vs interpreter '
