@@ -27,6 +27,7 @@ from gqa_t5x import errors
 # a GPU, TensorFlow logs an ERROR for the GPU it did not find. Failures raise Python exceptions;
 # TF_CPP_MIN_LOG_LEVEL=0 shows the logs.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+_SHOW_NATIVE_LOGS = os.environ['TF_CPP_MIN_LOG_LEVEL'] == '0'
 
 _GIN_FLAG = re.compile(r'^--gin\.([^=]+)=(.*)$', re.DOTALL)
 _GIN_CALL_NOTE = '\n  In call to configurable'  # gin appends this to errors raised in a job
@@ -92,6 +93,24 @@ def help_text(command: str, description: str) -> str:
                            subsequent_indent='      ')
   lines += ['', "absl's flags (--verbosity, --flagfile, ...) and the libraries' flags: --helpfull."]
   return '\n'.join(lines)
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow with its native stderr (file descriptor 2) sent to /dev/null, unless
+  TF_CPP_MIN_LOG_LEVEL=0. Why: TensorFlow 2.21's libraries log at load time, through absl before
+  absl's logging is set up, whatever TF_CPP_MIN_LOG_LEVEL says: six lines (oneDNN is on, no CUDA
+  driver, each twice) before a command's first line of its own. A failed import still raises."""
+  if 'tensorflow' in sys.modules or _SHOW_NATIVE_LOGS:
+    return
+  sys.stderr.flush()
+  saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(null, 2)
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(null)
 
 
 def _package_dirs() -> tuple[str, ...]:

@@ -133,6 +133,7 @@ def command(name: str, job: str, description: str):
   def job_main(argv):
     cli.no_positional_arguments(argv)
     initialize_distributed(multiprocess)
+    cli.import_tensorflow_quietly()  # the gin files' tasks import it
     parse_gin(gin_flags.files.value, gin_flags.bindings.value, gin_flags.search_paths.value)
     logging.debug('Gin config:\n%s', gin.config_str())
     runs = importlib.import_module('gqa_t5x.runs')

@@ -1,7 +1,7 @@
 """Every console script, run through its entry point as installed from the wheel, from a
 directory outside the checkout: --help lists exactly the flags the command reads; a user error is
 `<command>: error: ...` and exit status 2; one tiny real invocation each succeeds, with output for
-people (no ERROR line, no line over 300 characters)."""
+people (no ERROR line, no native library's log line, no line over 300 characters)."""
 import json
 import os
 import re
@@ -58,6 +58,9 @@ def test_the_installed_package_builds_its_cpu_kernel(installed, tmp_path):
 def assert_for_people(output: str) -> None:
   for line in output.splitlines():
     assert not re.match(r'(E\d{4} |ERROR\b|Traceback)', line), line
+    # A native library's log line (absl C++: "I0000 00:00:1796511615.03 30867 port.cc:153] ...")
+    # or absl's notice before its first one; the project's own lines come from .py files.
+    assert not re.search(r'\.cc:\d+\] |before absl::InitializeLog', line), line
     assert len(line) <= 300, line
 
 

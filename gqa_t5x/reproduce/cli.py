@@ -35,6 +35,7 @@ def _compilation_cache(work_dir: str) -> None:
 
 def _main(argv) -> None:
   cli.no_positional_arguments(argv)
+  cli.import_tensorflow_quietly()  # the stages' tasks and data pipelines import it
   # pylint: disable=g-import-not-at-top  (here: --help and flag errors need no TensorFlow or JAX)
   from gqa_t5x.reproduce import pipeline, report, stages, stats
   preset = presets.get(_PRESET.value)
