@@ -27,7 +27,6 @@ from gqa_t5x import errors
 # a GPU, TensorFlow logs an ERROR for the GPU it did not find. Failures raise Python exceptions;
 # TF_CPP_MIN_LOG_LEVEL=0 shows the logs.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-_SHOW_NATIVE_LOGS = os.environ['TF_CPP_MIN_LOG_LEVEL'] == '0'
 
 _GIN_FLAG = re.compile(r'^--gin\.([^=]+)=(.*)$', re.DOTALL)
 _GIN_CALL_NOTE = '\n  In call to configurable'  # gin appends this to errors raised in a job
@@ -100,7 +99,7 @@ def import_tensorflow_quietly() -> None:
   TF_CPP_MIN_LOG_LEVEL=0. Why: TensorFlow 2.21's libraries log at load time, through absl before
   absl's logging is set up, whatever TF_CPP_MIN_LOG_LEVEL says: six lines (oneDNN is on, no CUDA
   driver, each twice) before a command's first line of its own. A failed import still raises."""
-  if 'tensorflow' in sys.modules or _SHOW_NATIVE_LOGS:
+  if 'tensorflow' in sys.modules or os.environ['TF_CPP_MIN_LOG_LEVEL'] == '0':
     return
   sys.stderr.flush()
   saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
